@@ -1,0 +1,20 @@
+"""trl-tokenpo: token-level preference optimization (TDPO, TIS-DPO) as drop-in replacements for trl.DPOTrainer."""
+
+__version__ = "0.1.0"
+
+from .data import DataCollatorForTokenPreference, TokenColumn, TokenColumnError
+from .trainer import TDPOConfig, TDPOTrainer, TISDPOConfig, TISDPOTrainer, TokenLevelDPOTrainer
+from .weights import WeightTransform
+
+
+__all__ = [
+    "DataCollatorForTokenPreference",
+    "TDPOConfig",
+    "TDPOTrainer",
+    "TISDPOConfig",
+    "TISDPOTrainer",
+    "TokenColumn",
+    "TokenColumnError",
+    "TokenLevelDPOTrainer",
+    "WeightTransform",
+]

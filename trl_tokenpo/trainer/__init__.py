@@ -1,0 +1,6 @@
+from .base import TokenLevelDPOTrainer
+from .tdpo import TDPOConfig, TDPOTrainer
+from .tisdpo import TISDPOConfig, TISDPOTrainer
+
+
+__all__ = ["TDPOConfig", "TDPOTrainer", "TISDPOConfig", "TISDPOTrainer", "TokenLevelDPOTrainer"]

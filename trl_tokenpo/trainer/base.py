@@ -1,0 +1,400 @@
+"""`TokenLevelDPOTrainer`: what TDPO and TIS-DPO share on top of `trl.DPOTrainer`.
+
+The subclass keeps DPOTrainer's constructor, data preparation, PEFT handling, reference model handling,
+DeepSpeed/FSDP preparation, logging and checkpointing. It replaces only the loss computation (`_compute_loss`) by a
+per-token one:
+
+1. per-token statistics of the policy and the reference: the label log-probabilities always, and when the objective
+   needs them the forward / reverse KL over the full vocabulary (computed in tiles by `kernels.py`, never as a
+   `(tokens x vocab)` tensor);
+2. the objective of the subclass (`losses.py`), from those statistics and the per-token weights of the batch;
+3. every metric DPOTrainer logs, with the same names and meaning, plus the subclass's own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import warnings
+from dataclasses import dataclass, fields
+
+import torch
+from accelerate.logging import get_logger
+from accelerate.utils import is_peft_model
+from datasets import Dataset, IterableDataset
+from trl import DPOConfig, DPOTrainer
+from trl.models.utils import disable_gradient_checkpointing
+from trl.trainer.utils import use_adapter
+
+from .. import losses
+from ..kernels import TokenStatsRequest, add_token_stats_head
+
+
+logger = get_logger(__name__)
+
+# Batch keys that are not model inputs: DPOTrainer passes every other key to `model(**kwargs)`, whose `**kwargs`
+# would silently swallow them.
+NON_MODEL_KEYS = frozenset(
+    {"completion_mask", "ref_chosen_logps", "ref_rejected_logps", "token_weights", "ref_token_logps"}
+)
+METRIC_OUTPUTS = ("entropy", "mean_logits", "is_top1")
+
+
+@dataclass
+class PerTokenStats:
+    """Per-token statistics of a `[chosen; rejected]` batch, all `(2B, T-1)` float32 (after the shift), zero outside
+    the completion. `forward_kl` / `reverse_kl` / `log_sum_sq_probs` are `None` when not requested."""
+
+    policy_logps: torch.Tensor
+    ref_logps: torch.Tensor
+    entropy: torch.Tensor
+    mean_logits: torch.Tensor
+    is_top1: torch.Tensor
+    forward_kl: torch.Tensor | None = None
+    reverse_kl: torch.Tensor | None = None
+    log_sum_sq_probs: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+
+
+@dataclass
+class Objective:
+    """What a subclass's objective returns: the per-pair margin `z` (the loss is `-log sigmoid(beta z)`), and extra
+    per-sequence or per-pair tensors to log (name -> `(2B,)` or `(B,)` tensor, averaged over the global batch)."""
+
+    margin: torch.Tensor
+    metrics: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+
+
+class TokenLevelDPOTrainer(DPOTrainer):
+    """Base class of the token-level trainers. Not used directly: see [`TDPOTrainer`] and [`TISDPOTrainer`].
+
+    Subclasses set `config_class` and implement `_objective`, and say through `_kl_outputs` which full-vocabulary
+    statistics they need (`()` keeps DPOTrainer's cost: only gathered label log-probabilities).
+    """
+
+    config_class: type[DPOConfig] = DPOConfig
+    _tag_names = ["trl", "dpo", "trl-tokenpo"]
+    _name = "TokenLevelDPO"
+
+    def __init__(
+        self,
+        model,
+        ref_model=None,
+        args: DPOConfig | None = None,
+        data_collator=None,
+        train_dataset: Dataset | IterableDataset | None = None,
+        eval_dataset=None,
+        processing_class=None,
+        compute_metrics=None,
+        callbacks=None,
+        optimizers=(None, None),
+        quantization_config=None,
+        peft_config=None,
+    ):
+        if args is None:
+            model_name = model if isinstance(model, str) else model.config._name_or_path
+            args = self.config_class(f"{str(model_name).rstrip('/').split('/')[-1]}-{self._name}")
+        elif not isinstance(args, DPOConfig):
+            raise TypeError(f"`args` must be a `{self.config_class.__name__}` or a `DPOConfig`; got {type(args).__name__}.")
+        # A plain DPOConfig means this method with its default settings
+        self.method_args = {f.name: getattr(args, f.name, f.default) for f in self._method_fields()}
+        self._check_method_args(args)
+        self._check_dpo_options(args, peft_config, train_dataset)
+
+        super().__init__(
+            model=model,
+            ref_model=ref_model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            compute_metrics=compute_metrics,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            quantization_config=quantization_config,
+            peft_config=peft_config,
+        )
+
+        if self._kl_outputs:
+            unwrapped = self.accelerator.unwrap_model(self.model)
+            add_token_stats_head(unwrapped.get_base_model() if is_peft_model(unwrapped) else unwrapped)
+            if self.ref_model is not None:
+                add_token_stats_head(self.accelerator.unwrap_model(self.ref_model))
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Configuration
+    # ------------------------------------------------------------------------------------------------------------
+
+    @classmethod
+    def _method_fields(cls) -> list[dataclasses.Field]:
+        """The fields `config_class` adds to `DPOConfig`."""
+        base = {f.name for f in fields(DPOConfig)}
+        return [f for f in fields(cls.config_class) if f.name not in base]
+
+    def _check_method_args(self, args: DPOConfig) -> None:
+        """Validate the method's own settings (subclasses)."""
+
+    @property
+    def _kl_outputs(self) -> tuple[str, ...]:
+        """Full-vocabulary statistics the objective needs, among `"forward_kl"` and `"reverse_kl"`."""
+        return ()
+
+    def _check_dpo_options(self, args: DPOConfig, peft_config, train_dataset) -> None:
+        """Refuse the DPOConfig options that do not compose with a token-level objective, before any work."""
+        method = type(self).__name__
+        if list(args.loss_type) != ["sigmoid"]:
+            raise ValueError(
+                f"{method} replaces DPO's sigmoid loss with its own token-level objective, so `loss_type` must be "
+                f"['sigmoid'] (the default); got {args.loss_type}. Use trl.DPOTrainer for the other DPO losses."
+            )
+        if args.f_divergence_type != "reverse_kl":
+            raise ValueError(
+                f"{method} is derived for DPO's reverse-KL regularization; `f_divergence_type="
+                f"{args.f_divergence_type!r}` has no token-level counterpart here. Use the default 'reverse_kl'."
+            )
+        if args.label_smoothing != 0.0:
+            raise ValueError(
+                f"`label_smoothing={args.label_smoothing}` is not supported by {method}. In TRL 1.16 it only affects the "
+                "'robust' and 'exo_pair' losses (DPO's sigmoid loss ignores it), and those losses have no token-level "
+                "counterpart here. Set `label_smoothing=0.0`."
+            )
+        if args.precompute_ref_log_probs and self._precompute_refusal(args):
+            raise ValueError(self._precompute_refusal(args))
+        if self._kl_outputs and peft_config is not None:
+            from peft import PromptLearningConfig
+
+            if isinstance(peft_config, PromptLearningConfig):
+                raise ValueError(
+                    f"{method} computes the KL from the backbone's hidden states position by position, which "
+                    "prompt-learning PEFT methods (prefix / prompt tuning) shift with virtual tokens. Use LoRA (or "
+                    "another adapter method) instead."
+                )
+        if train_dataset is not None:
+            sample = next(iter(train_dataset))
+            if "image" in sample or "images" in sample:
+                raise ValueError(
+                    f"{method} supports text preference datasets only; this dataset has an `image(s)` column "
+                    "(vision-language DPO)."
+                )
+
+    def _precompute_refusal(self, args: DPOConfig) -> str | None:
+        """Why `precompute_ref_log_probs=True` cannot work, or `None` if it can."""
+        return (
+            f"`precompute_ref_log_probs=True` is not supported by {type(self).__name__}: it stores one summed "
+            "reference log-probability per completion, while the token-level objective needs the reference "
+            "distribution at every position. Set `precompute_ref_log_probs=False`."
+        )
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Data
+    # ------------------------------------------------------------------------------------------------------------
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        num_rows = len(dataset) if isinstance(dataset, Dataset) else None
+        dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+        if num_rows is not None and len(dataset) < num_rows:
+            logger.warning(
+                f"{num_rows - len(dataset)} of {num_rows} rows of the {dataset_name} dataset were dropped because "
+                f"their prompt alone fills `max_length={args.max_length}` (with truncation_mode='keep_start' no "
+                "completion token would remain). Increase `max_length` or use truncation_mode='keep_end' to keep them.",
+                main_process_only=True,
+            )
+        if isinstance(dataset, Dataset) and len(dataset) > 0:
+            self._check_completions(dataset, dataset_name)
+        return dataset
+
+    @staticmethod
+    def _check_completions(dataset: Dataset, dataset_name: str) -> None:
+        """A completion with no token would give an empty sum and no learning signal: refuse it with its row."""
+        row = 0
+        for batch in dataset.select_columns(["chosen_ids", "rejected_ids"]).iter(batch_size=4096):
+            for side in ("chosen", "rejected"):
+                for i, ids in enumerate(batch[f"{side}_ids"]):
+                    if len(ids) == 0:
+                        raise ValueError(
+                            f"{dataset_name} dataset, row {row + i}, column `{side}`: the completion tokenizes to no "
+                            "token (after the prompt). Check that the completion is not empty and that the chat "
+                            "template renders an assistant turn for it, or drop the row."
+                        )
+            row += len(batch["chosen_ids"])
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        for column in self._extra_signature_columns():
+            if column not in self._signature_columns:
+                self._signature_columns.append(column)
+
+    def _extra_signature_columns(self) -> list[str]:
+        """Dataset columns the collator needs besides TRL's (subclasses)."""
+        return []
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Per-token statistics
+    # ------------------------------------------------------------------------------------------------------------
+
+    def _reference_context(self):
+        """With PEFT and no separate reference model, the reference is the model with its adapter disabled (or the
+        frozen copy "ref" of a pre-trained adapter), exactly as DPOTrainer does."""
+        if self.ref_model is None and is_peft_model(self.model):
+            unwrapped = self.accelerator.unwrap_model(self.model)
+            return use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
+        return contextlib.nullcontext()
+
+    def _per_token_stats(self, model, inputs, model_kwargs, labels, need_log_sum_sq: bool) -> PerTokenStats:
+        """Run the reference (no gradient) and the policy and return their per-token statistics."""
+        seq_len = labels.size(1) - 1
+        ref_model = self.ref_model if self.ref_model is not None else self.model
+        ref_kwargs = {k: v for k, v in model_kwargs.items() if k != "output_router_logits"}
+        kl_outputs = self._kl_outputs
+
+        if not kl_outputs:
+            # DPOTrainer's path: gathered label log-probabilities from TRL's fused LM head, nothing vocabulary-sized
+            outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)
+            if self.precompute_ref_logps:
+                ref_logps = None
+            else:
+                with (
+                    torch.no_grad(),
+                    disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
+                    self._reference_context(),
+                ):
+                    ref_logps = ref_model(**ref_kwargs, labels=labels, fused_lm_head=True).log_probs[:, -seq_len:]
+            return PerTokenStats(
+                policy_logps=outputs.log_probs[:, -seq_len:],
+                ref_logps=ref_logps,
+                entropy=outputs.entropy[:, -seq_len:],
+                mean_logits=outputs.mean_logits[:, -seq_len:],
+                is_top1=outputs.is_top1[:, -seq_len:],
+                log_sum_sq_probs=outputs.log_sum_sq_probs[:, -seq_len:] if need_log_sum_sq else None,
+                aux_loss=outputs.aux_loss,
+            )
+
+        # Token-level path: the reference returns its last hidden states (no LM head), the policy's forward projects
+        # both heads in tiles and returns every statistic in one pass
+        with (
+            torch.no_grad(),
+            disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
+            self._reference_context(),
+        ):
+            reference = ref_model(**ref_kwargs, token_stats=TokenStatsRequest(labels=labels))
+        requested = kl_outputs + METRIC_OUTPUTS + (("log_sum_sq_probs",) if need_log_sum_sq else ())
+        outputs = model(**model_kwargs, token_stats=TokenStatsRequest(labels=labels, reference=reference, outputs=requested))
+        return PerTokenStats(
+            policy_logps=outputs.policy_logps,
+            ref_logps=outputs.ref_logps,
+            entropy=outputs.entropy,
+            mean_logits=outputs.mean_logits,
+            is_top1=outputs.is_top1,
+            forward_kl=outputs.forward_kl,
+            reverse_kl=outputs.reverse_kl,
+            log_sum_sq_probs=outputs.log_sum_sq_probs,
+            aux_loss=outputs.aux_loss,
+        )
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Loss
+    # ------------------------------------------------------------------------------------------------------------
+
+    def _objective(self, stats: PerTokenStats, mask: torch.Tensor, logratio: torch.Tensor, inputs) -> Objective:
+        """The method's margin from the per-token statistics (subclasses).
+
+        Args:
+            stats: the per-token statistics, `(2B, T-1)`.
+            mask: `(2B, T-1)` float completion mask (after the shift).
+            logratio: `(2B, T-1)` per-token log-ratio `lr_t`, already multiplied by the LD-DPO weights if
+                `ld_alpha` is set.
+            inputs: the batch (for per-token weights).
+        """
+        raise NotImplementedError
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        mode = "train" if self.model.training else "eval"
+        model_kwargs = {k: v for k, v in inputs.items() if k not in NON_MODEL_KEYS}
+        model_kwargs["use_cache"] = False
+        if self.aux_loss_enabled:
+            model_kwargs["output_router_logits"] = True
+        completion_mask = inputs["completion_mask"]
+        mask = completion_mask[..., 1:].to(torch.float32)
+        labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
+
+        stats = self._per_token_stats(model, inputs, model_kwargs, labels, need_log_sum_sq=self.use_weighting)
+        ld_weights = losses.length_desensitized_weights(mask, self.ld_alpha) if self.ld_alpha is not None else mask
+
+        # Sequence log-probabilities as DPOTrainer computes them (LD-DPO weighting included)
+        policy_logps = losses.masked_sum(stats.policy_logps, mask, ld_weights)
+        if stats.ref_logps is None:  # precomputed sums (DPOTrainer's `precompute_ref_log_probs`)
+            ref_logps = torch.cat([inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]]).to(policy_logps)
+            token_logratio = None
+        else:
+            ref_logps = losses.masked_sum(stats.ref_logps, mask, ld_weights)
+            token_logratio = (stats.policy_logps - stats.ref_logps) * ld_weights
+        logratio = policy_logps - ref_logps
+
+        objective = self._objective(stats, mask, token_logratio, inputs)
+        per_pair_loss = losses.preference_loss(objective.margin, self.beta)
+        if self.use_weighting:
+            per_pair_loss = per_pair_loss * losses.wpo_weights(stats.policy_logps, stats.log_sum_sq_probs, mask)
+        loss = per_pair_loss.mean() * self.loss_weights[0]
+        if self.aux_loss_enabled and stats.aux_loss is not None:
+            loss = loss + self.router_aux_loss_coef * stats.aux_loss
+            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(stats.aux_loss).mean().item())
+
+        self._log_dpo_metrics(mode, inputs, stats, mask, policy_logps, logratio)
+        for name, value in objective.metrics.items():
+            self._metrics[mode][name].append(self.accelerator.gather_for_metrics(value.detach()).float().mean().item())
+
+        if return_outputs:
+            warnings.warn(
+                "`return_outputs=True` (logits for `compute_metrics`) is deprecated in TRL and costs an extra forward "
+                "pass.",
+                FutureWarning,
+                stacklevel=2,
+            )
+            with torch.no_grad():
+                outputs = model(**model_kwargs)
+            return loss, outputs
+        return loss
+
+    def _log_dpo_metrics(self, mode, inputs, stats, mask, policy_logps, logratio) -> None:
+        """Every metric `trl.DPOTrainer` logs, with the same names and meaning."""
+        gather = self.accelerator.gather_for_metrics
+
+        entropy_sum = gather((stats.entropy.detach() * mask).sum()).sum()
+        total_tokens = gather(mask.sum()).sum()
+        self._metrics[mode]["entropy"].append((entropy_sum / total_tokens).item() if total_tokens > 0 else 0.0)
+
+        if mode == "train":
+            num_tokens = gather(inputs["attention_mask"].sum()).sum().item()
+            self._total_train_tokens += num_tokens // self._tp_size
+        self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+
+        chosen_mask, rejected_mask = losses.split_pairs(mask)
+        chosen_logits, rejected_logits = losses.split_pairs(stats.mean_logits.detach())
+        for name, logits, side_mask in (("chosen", chosen_logits, chosen_mask), ("rejected", rejected_logits, rejected_mask)):
+            total = gather((logits * side_mask).sum()).sum().item()
+            count = gather(side_mask.sum()).sum().item()
+            self._metrics[mode][f"logits/{name}"].append(total / count if count > 0 else 0.0)
+
+        chosen_top1, _ = losses.split_pairs(stats.is_top1)
+        correct = gather((chosen_top1.bool() & chosen_mask.bool()).sum()).sum()
+        count = gather(chosen_mask.sum()).sum()
+        self._metrics[mode]["mean_token_accuracy"].append((correct / count).item() if count > 0 else 0.0)
+
+        chosen_rewards, rejected_rewards = losses.split_pairs(self.beta * logratio.detach())
+        self._metrics[mode]["rewards/chosen"].append(self.accelerator.gather(chosen_rewards).mean().item())
+        self._metrics[mode]["rewards/rejected"].append(self.accelerator.gather(rejected_rewards).mean().item())
+        accuracies = (chosen_rewards > rejected_rewards).float()
+        self._metrics[mode]["rewards/accuracies"].append(self.accelerator.gather(accuracies).mean().item())
+        margins = chosen_rewards - rejected_rewards
+        self._metrics[mode]["rewards/margins"].append(self.accelerator.gather(margins).mean().item())
+        chosen_logps, rejected_logps = losses.split_pairs(policy_logps.detach())
+        self._metrics[mode]["logps/chosen"].append(self.accelerator.gather(chosen_logps).mean().item())
+        self._metrics[mode]["logps/rejected"].append(self.accelerator.gather(rejected_logps).mean().item())
+
+    def _log_kl_metrics(self, metrics: dict, sequence_kl: torch.Tensor) -> None:
+        """`kl/chosen`, `kl/rejected`, `kl/margin` from the `(2B,)` sequence KLs of the objective."""
+        chosen, rejected = losses.split_pairs(sequence_kl.detach())
+        metrics["kl/chosen"] = chosen
+        metrics["kl/rejected"] = rejected
+        metrics["kl/margin"] = chosen - rejected

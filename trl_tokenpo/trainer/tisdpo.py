@@ -1,0 +1,312 @@
+"""TIS-DPO: token-level importance sampling for DPO with estimated weights, Liu et al., ICLR 2025."""
+
+from __future__ import annotations
+
+import textwrap
+from dataclasses import dataclass, field
+
+import torch
+from datasets import Dataset
+from trl import DPOConfig
+
+from .. import losses
+from ..data import DataCollatorForTokenPreference, TokenColumn, TokenColumnError, validate_token_columns
+from ..weights import WEIGHT_TRANSFORMS, WeightTransform
+from .base import Objective, TokenLevelDPOTrainer
+
+
+REWARD_COLUMNS = ("chosen_token_rewards", "rejected_token_rewards")
+WEIGHT_COLUMNS = ("chosen_weights", "rejected_weights")
+
+
+@dataclass
+class TISDPOConfig(DPOConfig):
+    r"""
+    Configuration class for the [`TISDPOTrainer`].
+
+    Everything of [`~trl.DPOConfig`] applies (see the trainer's documentation for the few options it refuses), plus:
+
+    Parameters:
+        tis_kl_term (`str`, *optional*, defaults to `"none"`):
+            The KL term `eta` subtracted from the weighted margin. `"none"`: no term (the released code's default and
+            the paper's "w.o. eta" ablation; costs exactly what DPO costs). `"reverse"`: `alpha * (RKLw_w - RKLw_l)`,
+            the paper's Eq. 16 with the token-weighted reverse KL `KL(pi_theta || pi_ref)`. `"tdpo"`: `alpha *
+            (FKLw_l - sg(FKLw_w))`, TDPO2's forward-KL term with token weights.
+        alpha (`float`, *optional*, defaults to `0.5`):
+            Weight of the KL term; not used with `tis_kl_term="none"`.
+        weight_transform (`str`, *optional*, defaults to `"exp"`):
+            How token rewards `r_t` (columns `chosen_token_rewards` / `rejected_token_rewards`) become importance
+            weights. `"exp"`: the paper's Eq. 19, `w = k * exp(mu * clamp(r, L, U))` with `+mu` on chosen and `-mu` on
+            rejected tokens. `"rank"`: per completion, rank the signed reward (`+r` chosen, `-r` rejected) and map ranks
+            linearly onto `rank_range` (mean 1). `"threshold_scale"`: clamp the signed reward to `[-scale_threshold,
+            scale_threshold]` and map it linearly onto `scale_range`. Ready weights (columns `chosen_weights` /
+            `rejected_weights`) are used as given and ignore these settings.
+        weight_mu (`float`, *optional*, defaults to `1.0`):
+            `mu` of the exp transform (the sign is `+` on chosen and `-` on rejected tokens).
+        weight_k (`float`, *optional*, defaults to `1.0`):
+            `k` of the exp transform.
+        weight_clamp (`list[float]`, *optional*, defaults to `[-0.5, 1.5]`):
+            `(L, U)` bounds of the reward in the exp transform.
+        rank_range (`list[float]`, *optional*, defaults to `[0.7, 1.3]`):
+            Weights of the lowest and highest rank of the rank transform.
+        scale_range (`list[float]`, *optional*, defaults to `[0.7, 1.3]`):
+            Weights at `-scale_threshold` and `+scale_threshold` of the threshold_scale transform.
+        scale_threshold (`float`, *optional*, defaults to `1.5`):
+            Clamp bound of the signed reward in the threshold_scale transform.
+        normalize_weights (`bool`, *optional*, defaults to `False`):
+            Rescale each completion's weights to mean 1 after the transform, keeping the effective `beta` comparable
+            with DPO. Applies to rewards-derived weights only.
+    """
+
+    tis_kl_term: str = field(
+        default="none",
+        metadata={
+            "help": "KL term subtracted from the weighted margin: 'none' (DPO's cost), 'reverse' (paper Eq. 16, "
+            "weighted reverse KL) or 'tdpo' (TDPO2's weighted forward KL).",
+            "choices": ["none", "reverse", "tdpo"],
+        },
+    )
+    alpha: float = field(default=0.5, metadata={"help": "Weight of the KL term; unused with tis_kl_term='none'."})
+    weight_transform: str = field(
+        default="exp",
+        metadata={
+            "help": "Token rewards to weights: 'exp' (paper Eq. 19), 'rank' (released code) or 'threshold_scale'.",
+            "choices": list(WEIGHT_TRANSFORMS),
+        },
+    )
+    weight_mu: float = field(
+        default=1.0, metadata={"help": "mu of the exp transform: +mu on chosen tokens, -mu on rejected tokens."}
+    )
+    weight_k: float = field(default=1.0, metadata={"help": "k of the exp transform w = k * exp(mu * clamp(r, L, U))."})
+    weight_clamp: list[float] = field(
+        default_factory=lambda: [-0.5, 1.5], metadata={"help": "(L, U) reward clamp of the exp transform."}
+    )
+    rank_range: list[float] = field(
+        default_factory=lambda: [0.7, 1.3], metadata={"help": "Weights of the lowest and highest rank ('rank')."}
+    )
+    scale_range: list[float] = field(
+        default_factory=lambda: [0.7, 1.3],
+        metadata={"help": "Weights at -scale_threshold and +scale_threshold ('threshold_scale')."},
+    )
+    scale_threshold: float = field(
+        default=1.5, metadata={"help": "Clamp bound of the signed reward ('threshold_scale')."}
+    )
+    normalize_weights: bool = field(
+        default=False, metadata={"help": "Rescale each completion's rewards-derived weights to mean 1."}
+    )
+
+
+class TISDPOTrainer(TokenLevelDPOTrainer):
+    """
+    Trainer for TIS-DPO (token-level importance sampling DPO), a drop-in replacement for [`~trl.DPOTrainer`].
+
+    Every completion token carries a fixed importance weight `w_t`, and the margin uses weighted sums of the token
+    log-ratios, `z = sum_t w_t lr_t (chosen) - sum_t w_t lr_t (rejected) - eta`, with the loss `-log sigmoid(beta z)`.
+    `eta` is the optional KL term of `tis_kl_term`.
+
+    The dataset carries, per row, EITHER `chosen_token_rewards` + `rejected_token_rewards` (token rewards, e.g. from
+    [`ContrastiveWeightEstimator.estimate`], turned into weights by `weight_transform`) OR `chosen_weights` +
+    `rejected_weights` (ready weights, used as given). Each list has exactly one float per token of the tokenized
+    completion (`chosen_ids` / `rejected_ids`, EOS or end-of-turn included). Rows are checked before training: a
+    missing column, a wrong length, a NaN/inf or a negative weight raises an error naming the dataset, row and column.
+
+    With every weight 1 and `tis_kl_term="none"` this is DPO; with every weight 1 and `tis_kl_term="tdpo"` it is TDPO2.
+    With `tis_kl_term="none"` it costs what DPO costs: only gathered label log-probabilities are computed.
+
+    Example:
+
+    ```python
+    >>> from trl_tokenpo import ContrastiveWeightEstimator, TISDPOConfig, TISDPOTrainer, WeightEstimatorConfig
+
+    >>> estimator = ContrastiveWeightEstimator("Qwen/Qwen2.5-0.5B-Instruct", args=WeightEstimatorConfig("weights"))
+    >>> weighted = estimator.estimate(dataset)
+    >>> trainer = TISDPOTrainer(
+    ...     model="Qwen/Qwen2.5-0.5B-Instruct", args=TISDPOConfig("Qwen2.5-0.5B-TISDPO"), train_dataset=weighted
+    ... )
+    >>> trainer.train()
+    ```
+
+    Logged metrics: all of DPOTrainer's (`rewards/*` remain the unweighted `beta * LR`), plus `weights/chosen_mean`,
+    `weights/rejected_mean`, `weights/chosen_max`, `weights/rejected_min` over the batch's completion tokens, and with a
+    KL term `kl/chosen`, `kl/rejected`, `kl/margin` (unweighted sequence KL of the term's kind).
+
+    DPOConfig options: as for [`TDPOTrainer`]; `precompute_ref_log_probs=True` is refused.
+
+    Args:
+        model, ref_model, args, data_collator, train_dataset, eval_dataset, processing_class, compute_metrics,
+        callbacks, optimizers, quantization_config, peft_config:
+            As in [`~trl.DPOTrainer`]; `args` is a [`TISDPOConfig`] or a [`~trl.DPOConfig`]. A custom `data_collator`
+            must be a [`DataCollatorForTokenPreference`] producing `token_weights`.
+    """
+
+    config_class = TISDPOConfig
+    _tag_names = ["trl", "dpo", "tis-dpo", "trl-tokenpo"]
+    _name = "TISDPO"
+    _paper = {
+        "title": "TIS-DPO: Token-level Importance Sampling for Direct Preference Optimization With Estimated Weights",
+        "id": "2410.04350",
+        # docstyle-ignore
+        "citation": textwrap.dedent("""\
+            @inproceedings{liu2025tisdpo,
+                title        = {{TIS-DPO: Token-level Importance Sampling for Direct Preference Optimization With Estimated Weights}},
+                author       = {Aiwei Liu and Haoping Bai and Zhiyun Lu and Yanchao Sun and Xiang Kong and Simon Wang and Jiulong Shan and Albin Madappally Jose and Xiaojiang Liu and Lijie Wen and Philip S. Yu and Meng Cao},
+                year         = 2025,
+                booktitle    = {The Thirteenth International Conference on Learning Representations, {ICLR} 2025},
+            }"""),
+    }
+
+    def __init__(self, model, ref_model=None, args=None, data_collator=None, train_dataset=None, eval_dataset=None,
+                 processing_class=None, compute_metrics=None, callbacks=None, optimizers=(None, None),
+                 quantization_config=None, peft_config=None):  # fmt: skip
+        if train_dataset is None:
+            raise ValueError("`train_dataset` is required")
+        self._token_source = self._detect_token_source(train_dataset, "train")
+        for name, dataset in self._named_eval_datasets(eval_dataset):
+            source = self._detect_token_source(dataset, name)
+            if source != self._token_source:
+                raise TokenColumnError(
+                    f"The train dataset carries `{self._token_source[0]}` but the {name} dataset carries "
+                    f"`{source[0]}`: use the same kind of per-token column (rewards or ready weights) in both."
+                )
+        if data_collator is not None and not isinstance(data_collator, DataCollatorForTokenPreference):
+            raise TypeError(
+                "TISDPOTrainer needs a collator that lays out the per-token weights: pass a "
+                f"`trl_tokenpo.DataCollatorForTokenPreference` (or None); got {type(data_collator).__name__}."
+            )
+        self._user_collator = data_collator
+        super().__init__(model, ref_model, args, data_collator, train_dataset, eval_dataset, processing_class,
+                         compute_metrics, callbacks, optimizers, quantization_config, peft_config)  # fmt: skip
+        if self._user_collator is None:
+            base = self.data_collator
+            self.data_collator = DataCollatorForTokenPreference(
+                pad_token_id=base.pad_token_id,
+                max_length=base.max_length,
+                truncation_mode=base.truncation_mode,
+                pad_to_multiple_of=base.pad_to_multiple_of,
+                token_columns=[self._token_column()],
+            )
+
+    # Configuration ----------------------------------------------------------------------------------------------
+
+    def _check_method_args(self, args):
+        kl_term = self.method_args["tis_kl_term"]
+        if kl_term not in losses.TIS_KL_TERMS:
+            raise ValueError(f"`tis_kl_term` must be one of {losses.TIS_KL_TERMS}; got {kl_term!r}.")
+        if self.method_args["alpha"] < 0:
+            raise ValueError(f"`alpha` must be >= 0; got {self.method_args['alpha']}.")
+        for name in ("weight_clamp", "rank_range", "scale_range"):
+            if len(self.method_args[name]) != 2:
+                raise ValueError(f"`{name}` must hold two numbers (low, high); got {self.method_args[name]}.")
+        self.weight_transform = WeightTransform(
+            transform=self.method_args["weight_transform"],
+            mu=self.method_args["weight_mu"],
+            k=self.method_args["weight_k"],
+            clamp=tuple(self.method_args["weight_clamp"]),
+            rank_range=tuple(self.method_args["rank_range"]),
+            scale_range=tuple(self.method_args["scale_range"]),
+            scale_threshold=self.method_args["scale_threshold"],
+            normalize=self.method_args["normalize_weights"],
+        )
+
+    @property
+    def _kl_outputs(self):
+        return {"none": (), "reverse": ("reverse_kl",), "tdpo": ("forward_kl",)}[self.method_args["tis_kl_term"]]
+
+    def _precompute_refusal(self, args):
+        kl_term = self.method_args["tis_kl_term"]
+        if kl_term != "none":
+            return (
+                f"`precompute_ref_log_probs=True` is not supported with `tis_kl_term={kl_term!r}`: the KL term needs "
+                "the reference distribution at every position, while precomputation stores one summed log-probability "
+                "per completion. Use tis_kl_term='none' or precompute_ref_log_probs=False."
+            )
+        return (
+            "`precompute_ref_log_probs=True` is not supported by TISDPOTrainer yet: DPOTrainer's precomputation "
+            "stores unweighted sums, while TIS-DPO needs the token-weighted sums. Set precompute_ref_log_probs=False."
+        )
+
+    # Data -------------------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _named_eval_datasets(eval_dataset):
+        if eval_dataset is None:
+            return []
+        if isinstance(eval_dataset, dict):
+            return list(eval_dataset.items())
+        return [("eval", eval_dataset)]
+
+    @staticmethod
+    def _detect_token_source(dataset, name) -> tuple[str, str]:
+        columns = dataset.column_names if isinstance(dataset, Dataset) else list(next(iter(dataset)).keys())
+        has_rewards = [c for c in REWARD_COLUMNS if c in columns]
+        has_weights = [c for c in WEIGHT_COLUMNS if c in columns]
+        if has_rewards and has_weights:
+            raise TokenColumnError(
+                f"The {name} dataset has both token rewards ({has_rewards}) and ready weights ({has_weights}); keep "
+                "one kind: rewards are turned into weights by `weight_transform`, weights are used as given."
+            )
+        if len(has_rewards) == 2:
+            return REWARD_COLUMNS
+        if len(has_weights) == 2:
+            return WEIGHT_COLUMNS
+        found = has_rewards or has_weights
+        raise TokenColumnError(
+            f"The {name} dataset needs per-token columns for TIS-DPO: either `chosen_token_rewards` + "
+            f"`rejected_token_rewards` or `chosen_weights` + `rejected_weights`"
+            + (f" (it has only {found})" if found else f" (its columns: {columns})")
+            + ". `ContrastiveWeightEstimator.estimate(dataset)` produces the token rewards."
+        )
+
+    def _token_column(self) -> TokenColumn:
+        chosen, rejected = self._token_source
+        is_rewards = self._token_source == REWARD_COLUMNS
+        return TokenColumn(
+            key="token_weights",
+            chosen=chosen,
+            rejected=rejected,
+            transform=self.weight_transform if is_rewards else None,
+            allow_negative=is_rewards,
+        )
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+        chosen, rejected = self._token_source
+        validate_token_columns(dataset, dataset_name, chosen, rejected, allow_negative=self._token_source == REWARD_COLUMNS)
+        return dataset
+
+    def _extra_signature_columns(self):
+        return list(self._token_source)
+
+    # Loss -------------------------------------------------------------------------------------------------------
+
+    def _objective(self, stats, mask, token_logratio, inputs):
+        if "token_weights" not in inputs:
+            raise KeyError("The batch has no `token_weights`: the collator must be a DataCollatorForTokenPreference.")
+        weights = inputs["token_weights"][:, 1:].to(torch.float32)
+        kl_term, alpha = self.method_args["tis_kl_term"], self.method_args["alpha"]
+        weighted_logratio = losses.masked_sum(token_logratio, mask, weights)
+        forward_kl = losses.masked_sum(stats.forward_kl, mask, weights) if kl_term == "tdpo" else None
+        reverse_kl = losses.masked_sum(stats.reverse_kl, mask, weights) if kl_term == "reverse" else None
+        margin = losses.tisdpo_margin(weighted_logratio, kl_term, alpha, forward_kl, reverse_kl)
+
+        metrics = {}
+        if kl_term != "none":
+            per_token_kl = stats.forward_kl if kl_term == "tdpo" else stats.reverse_kl
+            self._log_kl_metrics(metrics, losses.masked_sum(per_token_kl, mask))
+        self._log_weight_metrics(weights, mask)
+        return Objective(margin=margin, metrics=metrics)
+
+    def _log_weight_metrics(self, weights, mask):
+        mode = "train" if self.model.training else "eval"
+        gather = self.accelerator.gather_for_metrics
+        chosen_w, rejected_w = losses.split_pairs(weights.detach())
+        chosen_m, rejected_m = losses.split_pairs(mask.bool())
+        for side, w, m in (("chosen", chosen_w, chosen_m), ("rejected", rejected_w, rejected_m)):
+            total = gather(w[m].sum()).sum()
+            count = gather(m.sum()).sum()
+            self._metrics[mode][f"weights/{side}_mean"].append((total / count).item() if count > 0 else 0.0)
+        inf = torch.tensor(float("inf"), device=weights.device)
+        chosen_max = gather(chosen_w[chosen_m].max() if chosen_m.any() else -inf).max().item()
+        rejected_min = gather(rejected_w[rejected_m].min() if rejected_m.any() else inf).min().item()
+        self._metrics[mode]["weights/chosen_max"].append(chosen_max)
+        self._metrics[mode]["weights/rejected_min"].append(rejected_min)
