@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -177,20 +178,30 @@ class _TokenizerHolder:
         self._tokenizer = tokenizer
 
 
-def tokenize_preference_dataset(dataset: Dataset, processing_class, args, dataset_name: str = "train") -> Dataset:
+def tokenize_preference_dataset(
+    dataset: Dataset | IterableDataset,
+    processing_class,
+    max_length: int | None = None,
+    truncation_mode: str = "keep_start",
+    num_proc: int | None = None,
+    dataset_name: str = "train",
+) -> Dataset | IterableDataset:
     """Tokenize a preference dataset exactly as `trl.DPOTrainer` does (prompt extraction, EOS for standard data, chat
-    template for conversational data, `max_length` filtering), adding `prompt_ids`, `chosen_ids` and `rejected_ids`.
+    template for conversational data), adding `prompt_ids`, `chosen_ids` and `rejected_ids`.
 
     This calls TRL's own (private) `DPOTrainer._prepare_dataset`, so the ids are the trainer's ids by construction;
-    `tests/test_trl_contract.py` checks the method still behaves as expected.
+    `tests/test_trl_contract.py` checks that the method still behaves as expected. With `max_length=None` (the default)
+    no row is dropped; with a `max_length` and `truncation_mode="keep_start"` TRL drops the rows whose prompt alone
+    fills `max_length`, as the trainer would.
 
     Args:
         dataset: any TRL preference dataset (standard or conversational, explicit or implicit prompt).
         processing_class: the tokenizer (its `pad_token` is set to `eos_token` if missing, as TRL does).
-        args: a `DPOConfig` (or subclass) providing `max_length`, `truncation_mode` and `dataset_num_proc`.
+        max_length, truncation_mode, num_proc: as `DPOConfig.max_length`, `.truncation_mode`, `.dataset_num_proc`.
         dataset_name (`str`): used in progress bars.
     """
     tokenizer = getattr(processing_class, "tokenizer", processing_class)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    args = SimpleNamespace(max_length=max_length, truncation_mode=truncation_mode, dataset_num_proc=num_proc)
     return DPOTrainer._prepare_dataset(_TokenizerHolder(tokenizer), dataset, processing_class, args, dataset_name)
