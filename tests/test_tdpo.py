@@ -230,3 +230,10 @@ def test_evaluate_save_load_and_resume(tmp_path, tiny_model_dir, standard_datase
     reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "final"))
     for (name, a), (_, b) in zip(straight.model.named_parameters(), reloaded.named_parameters()):
         torch.testing.assert_close(a, b, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_vision_dataset_is_refused(tmp_path, standard_dataset):
+    tokenizer, policy, ref = make_pair()
+    dataset = standard_dataset.add_column("images", [[]] * len(standard_dataset))
+    with pytest.raises(ValueError, match="vision"):
+        TDPOTrainer(model=policy, ref_model=ref, args=cpu_args(TDPOConfig, tmp_path), train_dataset=dataset, processing_class=tokenizer)

@@ -99,7 +99,7 @@ class TokenLevelDPOTrainer(DPOTrainer):
         # A plain DPOConfig means this method with its default settings
         self.method_args = {f.name: getattr(args, f.name, f.default) for f in self._method_fields()}
         self._check_method_args(args)
-        self._check_dpo_options(args, peft_config, train_dataset)
+        self._check_dpo_options(args, peft_config)
 
         super().__init__(
             model=model,
@@ -116,6 +116,12 @@ class TokenLevelDPOTrainer(DPOTrainer):
             peft_config=peft_config,
         )
 
+        # Checked after DPOTrainer's own checks, so that a vision dataset with a text model gets TRL's message
+        if self._is_vision_dataset:
+            raise ValueError(
+                f"{type(self).__name__} supports text preference datasets only; this dataset has an `image(s)` column "
+                "(vision-language DPO). Use trl.DPOTrainer for vision-language models."
+            )
         if self._kl_outputs:
             unwrapped = self.accelerator.unwrap_model(self.model)
             add_token_stats_head(unwrapped.get_base_model() if is_peft_model(unwrapped) else unwrapped)
@@ -140,7 +146,7 @@ class TokenLevelDPOTrainer(DPOTrainer):
         """Full-vocabulary statistics the objective needs, among `"forward_kl"` and `"reverse_kl"`."""
         return ()
 
-    def _check_dpo_options(self, args: DPOConfig, peft_config, train_dataset) -> None:
+    def _check_dpo_options(self, args: DPOConfig, peft_config) -> None:
         """Refuse the DPOConfig options that do not compose with a token-level objective, before any work."""
         method = type(self).__name__
         if list(args.loss_type) != ["sigmoid"]:
@@ -169,13 +175,6 @@ class TokenLevelDPOTrainer(DPOTrainer):
                     f"{method} computes the KL from the backbone's hidden states position by position, which "
                     "prompt-learning PEFT methods (prefix / prompt tuning) shift with virtual tokens. Use LoRA (or "
                     "another adapter method) instead."
-                )
-        if train_dataset is not None:
-            sample = next(iter(train_dataset))
-            if "image" in sample or "images" in sample:
-                raise ValueError(
-                    f"{method} supports text preference datasets only; this dataset has an `image(s)` column "
-                    "(vision-language DPO)."
                 )
 
     def _precompute_refusal(self, args: DPOConfig) -> str | None:
