@@ -250,15 +250,7 @@ class TokenLevelDPOTrainer(DPOTrainer):
         if not kl_outputs:
             # DPOTrainer's path: gathered label log-probabilities from TRL's fused LM head, nothing vocabulary-sized
             outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)
-            if self.precompute_ref_logps:
-                ref_logps = None
-            else:
-                with (
-                    torch.no_grad(),
-                    disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
-                    self._reference_context(),
-                ):
-                    ref_logps = ref_model(**ref_kwargs, labels=labels, fused_lm_head=True).log_probs[:, -seq_len:]
+            ref_logps = None if self.precompute_ref_logps else self._reference_token_logps(ref_model, model_kwargs, labels)
             return PerTokenStats(
                 policy_logps=outputs.log_probs[:, -seq_len:],
                 ref_logps=ref_logps,
@@ -295,17 +287,34 @@ class TokenLevelDPOTrainer(DPOTrainer):
     # Loss
     # ------------------------------------------------------------------------------------------------------------
 
-    def _objective(self, stats: PerTokenStats, mask: torch.Tensor, logratio: torch.Tensor, inputs) -> Objective:
+    def _objective(self, stats: PerTokenStats, mask: torch.Tensor, ld_weights: torch.Tensor, inputs) -> Objective:
         """The method's margin from the per-token statistics (subclasses).
 
         Args:
-            stats: the per-token statistics, `(2B, T-1)`.
+            stats: the per-token statistics, `(2B, T-1)`; `stats.ref_logps` is `None` when the reference sums were
+                precomputed (they are then in `inputs["ref_chosen_logps"]` / `inputs["ref_rejected_logps"]`).
             mask: `(2B, T-1)` float completion mask (after the shift).
-            logratio: `(2B, T-1)` per-token log-ratio `lr_t`, already multiplied by the LD-DPO weights if
-                `ld_alpha` is set.
+            ld_weights: `(2B, T-1)` LD-DPO multipliers of the log-ratio (`ld_alpha`), equal to `mask` without LD-DPO.
             inputs: the batch (for per-token weights).
         """
         raise NotImplementedError
+
+    def _reference_token_logps(self, ref_model, model_kwargs, labels) -> torch.Tensor:
+        """`(2B, T-1)` reference label log-probabilities through TRL's fused LM head (no gradient; PEFT: adapters
+        disabled), exactly as DPOTrainer computes them."""
+        ref_kwargs = {k: v for k, v in model_kwargs.items() if k != "output_router_logits"}
+        with (
+            torch.no_grad(),
+            disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
+            self._reference_context(),
+        ):
+            return ref_model(**ref_kwargs, labels=labels, fused_lm_head=True).log_probs[:, -(labels.size(1) - 1) :]
+
+    @staticmethod
+    def _precomputed_ref_sums(inputs) -> torch.Tensor:
+        """The precomputed reference sums of a batch, stacked `[chosen; rejected]`: `(2B,)`, or `(2B, k)` when a
+        subclass stores several sums per completion (column 0 is always DPOTrainer's unweighted sum)."""
+        return torch.cat([inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]])
 
     def _compute_loss(self, model, inputs, return_outputs):
         mode = "train" if self.model.training else "eval"
@@ -322,15 +331,14 @@ class TokenLevelDPOTrainer(DPOTrainer):
 
         # Sequence log-probabilities as DPOTrainer computes them (LD-DPO weighting included)
         policy_logps = losses.masked_sum(stats.policy_logps, mask, ld_weights)
-        if stats.ref_logps is None:  # precomputed sums (DPOTrainer's `precompute_ref_log_probs`)
-            ref_logps = torch.cat([inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]]).to(policy_logps)
-            token_logratio = None
+        if stats.ref_logps is None:  # precomputed sums (`precompute_ref_log_probs`)
+            ref_logps = self._precomputed_ref_sums(inputs).to(policy_logps)
+            ref_logps = ref_logps[:, 0] if ref_logps.dim() == 2 else ref_logps
         else:
             ref_logps = losses.masked_sum(stats.ref_logps, mask, ld_weights)
-            token_logratio = (stats.policy_logps - stats.ref_logps) * ld_weights
         logratio = policy_logps - ref_logps
 
-        objective = self._objective(stats, mask, token_logratio, inputs)
+        objective = self._objective(stats, mask, ld_weights, inputs)
         per_pair_loss = losses.preference_loss(objective.margin, self.beta)
         if self.use_weighting:
             per_pair_loss = per_pair_loss * losses.wpo_weights(stats.policy_logps, stats.log_sum_sq_probs, mask)

@@ -128,8 +128,8 @@ class TDPOTrainer(TokenLevelDPOTrainer):
     def _kl_outputs(self):
         return ("forward_kl",)
 
-    def _objective(self, stats, mask, token_logratio, inputs):
-        logratio = token_logratio.sum(dim=-1)
+    def _objective(self, stats, mask, ld_weights, inputs):
+        logratio = losses.masked_sum(stats.policy_logps - stats.ref_logps, mask, ld_weights)
         forward_kl = losses.masked_sum(stats.forward_kl, mask)
         margin = losses.tdpo_margin(logratio, forward_kl, self.method_args["tdpo_variant"], self.method_args["alpha"])
         metrics = {}

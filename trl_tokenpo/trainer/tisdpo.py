@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import textwrap
 from dataclasses import dataclass, field
 
 import torch
 from datasets import Dataset
+from datasets.fingerprint import Hasher
 from trl import DPOConfig
 
 from .. import losses
 from ..data import DataCollatorForTokenPreference, TokenColumn, TokenColumnError, validate_token_columns
 from ..weights import WEIGHT_TRANSFORMS, WeightTransform
-from .base import Objective, TokenLevelDPOTrainer
+from .base import NON_MODEL_KEYS, Objective, TokenLevelDPOTrainer
 
 
 REWARD_COLUMNS = ("chosen_token_rewards", "rejected_token_rewards")
@@ -130,7 +132,9 @@ class TISDPOTrainer(TokenLevelDPOTrainer):
     `weights/rejected_mean`, `weights/chosen_max`, `weights/rejected_min` over the batch's completion tokens, and with a
     KL term `kl/chosen`, `kl/rejected`, `kl/margin` (unweighted sequence KL of the term's kind).
 
-    DPOConfig options: as for [`TDPOTrainer`]; `precompute_ref_log_probs=True` is refused.
+    DPOConfig options: as for [`TDPOTrainer`], except `precompute_ref_log_probs=True`, which works with
+    `tis_kl_term="none"`: the reference's token-weighted sums are computed once before training (respecting the weight
+    transform, LD-DPO and TRL's truncation), and the reference model is released as DPOTrainer does.
 
     Args:
         model, ref_model, args, data_collator, train_dataset, eval_dataset, processing_class, compute_metrics,
@@ -177,14 +181,7 @@ class TISDPOTrainer(TokenLevelDPOTrainer):
         super().__init__(model, ref_model, args, data_collator, train_dataset, eval_dataset, processing_class,
                          compute_metrics, callbacks, optimizers, quantization_config, peft_config)  # fmt: skip
         if self._user_collator is None:
-            base = self.data_collator
-            self.data_collator = DataCollatorForTokenPreference(
-                pad_token_id=base.pad_token_id,
-                max_length=base.max_length,
-                truncation_mode=base.truncation_mode,
-                pad_to_multiple_of=base.pad_to_multiple_of,
-                token_columns=[self._token_column()],
-            )
+            self._ensure_token_collator()
 
     # Configuration ----------------------------------------------------------------------------------------------
 
@@ -220,10 +217,50 @@ class TISDPOTrainer(TokenLevelDPOTrainer):
                 "the reference distribution at every position, while precomputation stores one summed log-probability "
                 "per completion. Use tis_kl_term='none' or precompute_ref_log_probs=False."
             )
-        return (
-            "`precompute_ref_log_probs=True` is not supported by TISDPOTrainer yet: DPOTrainer's precomputation "
-            "stores unweighted sums, while TIS-DPO needs the token-weighted sums. Set precompute_ref_log_probs=False."
+        return None  # supported: `compute_ref_log_probs` stores the token-weighted sums
+
+    def _ensure_token_collator(self) -> None:
+        """Replace DPOTrainer's default collator by one that also lays out the per-token weights (DPOTrainer builds
+        its collator, and may run the reference precomputation with it, inside its own `__init__`)."""
+        if isinstance(self.data_collator, DataCollatorForTokenPreference):
+            return
+        base = self.data_collator
+        self.data_collator = DataCollatorForTokenPreference(
+            pad_token_id=base.pad_token_id,
+            max_length=base.max_length,
+            truncation_mode=base.truncation_mode,
+            pad_to_multiple_of=base.pad_to_multiple_of,
+            token_columns=[self._token_column()],
         )
+
+    def _precompute_ref_logps(self, dataset, name, batch_size):
+        self._ensure_token_collator()
+        # DPOTrainer caches the precomputed values under a hash of (dataset, model): the weighted sums also depend on
+        # the weight transform and LD-DPO, so they join the hash once
+        if not getattr(self, "_weighted_hash_applied", False):
+            self._precompute_model_hash = Hasher.hash(
+                (self._precompute_model_hash, "tisdpo-weighted-sums-v1", dataclasses.asdict(self.weight_transform),
+                 self._token_source, self.ld_alpha)
+            )  # fmt: skip
+            self._weighted_hash_applied = True
+        return super()._precompute_ref_logps(dataset, name, batch_size)
+
+    def compute_ref_log_probs(self, model, inputs):
+        """Reference sums of one padded batch for `precompute_ref_log_probs`: per completion, `[unweighted, weighted]`
+        (the unweighted sum keeps DPOTrainer's `rewards/*` metrics; the weighted one enters the TIS-DPO margin)."""
+        completion_mask = inputs["completion_mask"]
+        mask = completion_mask[..., 1:].to(torch.float32)
+        labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
+        model_kwargs = {k: v for k, v in inputs.items() if k not in NON_MODEL_KEYS}
+        model_kwargs["use_cache"] = False
+        token_logps = self._reference_token_logps(model, model_kwargs, labels)
+        ld_weights = losses.length_desensitized_weights(mask, self.ld_alpha) if self.ld_alpha is not None else mask
+        weights = inputs["token_weights"][:, 1:].to(torch.float32)
+        sums = torch.stack(
+            [losses.masked_sum(token_logps, mask, ld_weights), losses.masked_sum(token_logps, mask, weights * ld_weights)],
+            dim=-1,
+        )
+        return sums.chunk(2, dim=0)
 
     # Data -------------------------------------------------------------------------------------------------------
 
@@ -279,12 +316,16 @@ class TISDPOTrainer(TokenLevelDPOTrainer):
 
     # Loss -------------------------------------------------------------------------------------------------------
 
-    def _objective(self, stats, mask, token_logratio, inputs):
+    def _objective(self, stats, mask, ld_weights, inputs):
         if "token_weights" not in inputs:
             raise KeyError("The batch has no `token_weights`: the collator must be a DataCollatorForTokenPreference.")
         weights = inputs["token_weights"][:, 1:].to(torch.float32)
         kl_term, alpha = self.method_args["tis_kl_term"], self.method_args["alpha"]
-        weighted_logratio = losses.masked_sum(token_logratio, mask, weights)
+        if stats.ref_logps is None:  # precomputed: column 1 holds the weighted reference sums
+            ref_weighted = self._precomputed_ref_sums(inputs)[:, 1].to(torch.float32)
+            weighted_logratio = losses.masked_sum(stats.policy_logps, mask, weights * ld_weights) - ref_weighted
+        else:
+            weighted_logratio = losses.masked_sum(stats.policy_logps - stats.ref_logps, mask, weights * ld_weights)
         forward_kl = losses.masked_sum(stats.forward_kl, mask, weights) if kl_term == "tdpo" else None
         reverse_kl = losses.masked_sum(stats.reverse_kl, mask, weights) if kl_term == "reverse" else None
         margin = losses.tisdpo_margin(weighted_logratio, kl_term, alpha, forward_kl, reverse_kl)
