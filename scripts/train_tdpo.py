@@ -28,26 +28,11 @@ def main(script_args, training_args, model_args, dataset_args, task_args, builti
     from trl import get_peft_config, get_quantization_config
 
     from trl_tokenpo import TDPOTrainer
-    from trl_tokenpo.cli import (
-        builtin_report,
-        builtin_task,
-        format_metrics,
-        format_report,
-        load_user_datasets,
-        model_init_kwargs,
-        policy_for_generation,
+    from trl_tokenpo.cli import load_model_and_data, train_and_report
+
+    task, model, train_dataset, eval_dataset = load_model_and_data(
+        script_args, training_args, model_args, dataset_args, task_args, builtin
     )
-
-    if builtin:
-        task = builtin_task(task_args)
-        model, train_dataset, eval_dataset = task.model.name_or_path, task.train_dataset, task.eval_dataset
-        if training_args.eval_strategy == "no":
-            eval_dataset = None
-    else:
-        model = model_args.model_name_or_path
-        train_dataset, eval_dataset = load_user_datasets(script_args, dataset_args, training_args.eval_strategy != "no")
-    training_args.model_init_kwargs = model_init_kwargs(model_args, training_args)
-
     trainer = TDPOTrainer(
         model=model,
         args=training_args,
@@ -56,20 +41,7 @@ def main(script_args, training_args, model_args, dataset_args, task_args, builti
         quantization_config=get_quantization_config(model_args),
         peft_config=get_peft_config(model_args),
     )
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    trainer.accelerator.print("Training completed.")
-    trainer.save_model(training_args.output_dir)
-    trainer.accelerator.print(f"Model saved to {training_args.output_dir}.")
-
-    if builtin:
-        if trainer.accelerator.is_main_process:
-            rows = builtin_report(task, policy_for_generation(trainer), task_args)
-            print("\nBuilt-in task: sampled responses on held-out prompts\n" + format_report(rows))
-    elif eval_dataset is not None:
-        trainer.accelerator.print("\nFinal evaluation\n" + format_metrics(trainer.evaluate()))
-    if training_args.push_to_hub:
-        trainer.push_to_hub(dataset_name=script_args.dataset_name)
-    trainer.end()
+    train_and_report(trainer, training_args, script_args, task, task_args)
 
 
 def make_parser(prog=None):

@@ -3,11 +3,13 @@
 __version__ = "0.1.0"
 
 from .data import DataCollatorForTokenPreference, TokenColumn, TokenColumnError
+from .estimator import ContrastiveWeightEstimator, WeightEstimatorConfig
 from .trainer import TDPOConfig, TDPOTrainer, TISDPOConfig, TISDPOTrainer, TokenLevelDPOTrainer
 from .weights import WeightTransform
 
 
 __all__ = [
+    "ContrastiveWeightEstimator",
     "DataCollatorForTokenPreference",
     "TDPOConfig",
     "TDPOTrainer",
@@ -16,5 +18,6 @@ __all__ = [
     "TokenColumn",
     "TokenColumnError",
     "TokenLevelDPOTrainer",
+    "WeightEstimatorConfig",
     "WeightTransform",
 ]

@@ -166,3 +166,35 @@ def format_report(rows: list[dict]) -> str:
 def format_metrics(metrics: dict) -> str:
     """Final evaluation metrics (user data) as `name: value` lines."""
     return "\n".join(f"{k:40s} {v:.4f}" if isinstance(v, float) else f"{k:40s} {v}" for k, v in sorted(metrics.items()))
+
+
+def load_model_and_data(script_args, training_args, model_args, dataset_args, task_args, builtin: bool):
+    """The model (path or hub id) and the train / eval datasets of a training script, and the built-in task (or
+    `None`). Also sets `training_args.model_init_kwargs` from the model arguments, as TRL's scripts do."""
+    task = None
+    if builtin:
+        task = builtin_task(task_args)
+        model, train_dataset = task.model.name_or_path, task.train_dataset
+        eval_dataset = task.eval_dataset if training_args.eval_strategy != "no" else None
+    else:
+        model = model_args.model_name_or_path
+        train_dataset, eval_dataset = load_user_datasets(script_args, dataset_args, training_args.eval_strategy != "no")
+    training_args.model_init_kwargs = model_init_kwargs(model_args, training_args)
+    return task, model, train_dataset, eval_dataset
+
+
+def train_and_report(trainer, training_args, script_args, task=None, task_args=None) -> None:
+    """Train (resuming if asked), save, then print the before/after table (built-in task) or the final evaluation."""
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.accelerator.print("Training completed.")
+    trainer.save_model(training_args.output_dir)
+    trainer.accelerator.print(f"Model saved to {training_args.output_dir}.")
+    if task is not None:
+        if trainer.accelerator.is_main_process:
+            rows = builtin_report(task, policy_for_generation(trainer), task_args)
+            print("\nBuilt-in task: sampled responses on held-out prompts\n" + format_report(rows))
+    elif trainer.eval_dataset is not None:
+        trainer.accelerator.print("\nFinal evaluation\n" + format_metrics(trainer.evaluate()))
+    if training_args.push_to_hub:
+        trainer.push_to_hub(dataset_name=script_args.dataset_name)
+    trainer.end()

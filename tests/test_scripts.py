@@ -1,0 +1,65 @@
+"""The training scripts end to end on the built-in task (reduced size), in subprocesses as a user runs them."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_script(script, *args, cwd, timeout=900):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / script), *args], cwd=cwd, env=env, capture_output=True, text=True,
+        timeout=timeout,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result.stdout
+
+
+def report_rows(stdout):
+    """The (before, after) oracle rewards and KLs of the script's final table."""
+    rows = {}
+    for name in ("before", "after"):
+        match = re.search(rf"^{name} \(\w+\)\s+([+-][\d.]+) ± [\d.]+\s+([-\d.]+) ±", stdout, flags=re.M)
+        assert match, stdout[-2000:]
+        rows[name] = (float(match.group(1)), float(match.group(2)))
+    return rows
+
+
+# A reduced built-in task: fewer pairs and samples; several epochs so the few steps still learn
+REDUCED = ["--task_num_train_pairs", "192", "--num_train_epochs", "2", "--eval_num_samples_per_prompt", "2"]
+
+
+@pytest.fixture(scope="module")
+def task_cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("task-cache"))
+
+
+@pytest.mark.slow
+def test_train_tisdpo_builtin_pipeline(tmp_path, task_cache):
+    out = tmp_path / "tisdpo"
+    stdout = run_script("train_tisdpo.py", "--output_dir", str(out), "--task_cache_dir", task_cache, *REDUCED, cwd=tmp_path)
+    rows = report_rows(stdout)
+    assert rows["after"][0] > rows["before"][0], rows
+    assert rows["before"][1] == 0.0 and rows["after"][1] > 0.0
+    assert (out / "token_token_rewards.html").exists() and (out / "token_token_rewards.png").exists()
+    assert (out / "model.safetensors").exists()
+    # the second run reuses the fitted adapters and the cached scores
+    stdout = run_script(
+        "train_tisdpo.py", "--output_dir", str(out), "--task_cache_dir", task_cache, *REDUCED, "--max_steps", "1",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert "after (trained)" in stdout
+
+
+@pytest.mark.slow
+def test_train_tdpo_builtin(tmp_path, task_cache):
+    stdout = run_script("train_tdpo.py", "--output_dir", str(tmp_path / "tdpo"), "--task_cache_dir", task_cache, *REDUCED, cwd=tmp_path)
+    rows = report_rows(stdout)
+    assert rows["after"][0] > rows["before"][0], rows
