@@ -237,6 +237,11 @@ class TokenStatsFunction(torch.autograd.Function):
         mean_logits = empty() if "mean_logits" in want else None
         is_top1 = empty(torch.bool) if "is_top1" in want else None
         log_sum_sq_probs = empty() if "log_sum_sq_probs" in want else None
+        needs_ref = forward_kl is not None or reverse_kl is not None
+        # Per-row log-partition functions, kept for the backward: it then turns each recomputed tile into log-probs by
+        # one in-place subtraction instead of a second log-softmax (three passes over the tile and a new buffer)
+        policy_lse = empty()
+        ref_lse = empty() if needs_ref else None
 
         with torch.no_grad(), torch.autocast(device.type, enabled=False):
             # Cast once per call (a no-op in the usual case where weights already have the compute dtype)
@@ -253,25 +258,31 @@ class TokenStatsFunction(torch.autograd.Function):
                 if is_top1 is not None:
                     # `argmax` returns the FIRST maximum: a label tied with an earlier token is not top-1
                     is_top1[start:end] = z_pol.argmax(-1) == labels[start:end]
-                lp_pol = torch.log_softmax(z_pol, dim=-1)  # [n, V]
+                # log-softmax in place: z - logsumexp(z), keeping the logsumexp
+                lse = torch.logsumexp(z_pol, dim=-1, keepdim=True)  # [n, 1]
+                policy_lse[start:end] = lse.squeeze(-1)
+                lp_pol = z_pol.sub_(lse)  # [n, V]
                 del z_pol
                 z_ref, _ = _project(ref_hidden[start:end].to(ref_dtype), r_w, r_b, ref_logit_scale, ref_softcap)
-                lp_ref = torch.log_softmax(z_ref, dim=-1)  # [n, V]
-                del z_ref
+                lse = torch.logsumexp(z_ref, dim=-1, keepdim=True)
+                if ref_lse is not None:
+                    ref_lse[start:end] = lse.squeeze(-1)
+                lp_ref = z_ref.sub_(lse)  # [n, V]
+                del z_ref, lse
                 policy_logps[start:end] = lp_pol.gather(-1, target).squeeze(-1)
                 ref_logps[start:end] = lp_ref.gather(-1, target).squeeze(-1)
                 if log_sum_sq_probs is not None:
                     log_sum_sq_probs[start:end] = torch.logsumexp(2.0 * lp_pol, dim=-1)
                 if forward_kl is not None:
-                    forward_kl[start:end] = (lp_ref.exp() * (lp_ref - lp_pol)).sum(-1)
+                    forward_kl[start:end] = torch.sub(lp_ref, lp_pol).mul_(lp_ref.exp()).sum(-1)
                 if reverse_kl is not None or entropy is not None:
                     p_pol = lp_pol.exp()
-                    if entropy is not None:
-                        entropy[start:end] = -(p_pol * lp_pol).sum(-1)
                     if reverse_kl is not None:
-                        reverse_kl[start:end] = (p_pol * (lp_pol - lp_ref)).sum(-1)
+                        reverse_kl[start:end] = torch.sub(lp_pol, lp_ref).mul_(p_pol).sum(-1)
+                    if entropy is not None:
+                        entropy[start:end] = p_pol.mul_(lp_pol).sum(-1).neg_()  # last use of p_pol
+                    del p_pol
 
-        needs_ref = forward_kl is not None or reverse_kl is not None
         ctx.save_for_backward(
             policy_hidden,
             policy_weight,
@@ -280,6 +291,9 @@ class TokenStatsFunction(torch.autograd.Function):
             ref_weight if needs_ref else None,
             ref_bias if needs_ref else None,
             labels,
+            policy_lse,
+            ref_lse,
+            reverse_kl,
         )
         ctx.transforms = (policy_logit_scale, policy_softcap, ref_logit_scale, ref_softcap)
         ctx.dtypes = (policy_dtype, ref_dtype)
@@ -291,7 +305,10 @@ class TokenStatsFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logps, _grad_ref_logps, grad_fkl, grad_rkl, *_metric_grads):
-        policy_hidden, policy_weight, policy_bias, ref_hidden, ref_weight, ref_bias, labels = ctx.saved_tensors
+        (
+            policy_hidden, policy_weight, policy_bias, ref_hidden, ref_weight, ref_bias, labels, policy_lse, ref_lse,
+            saved_rkl,
+        ) = ctx.saved_tensors
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         no_grads = (None,) * 13
         if grad_logps is None and grad_fkl is None and grad_rkl is None:
@@ -328,7 +345,7 @@ class TokenStatsFunction(torch.autograd.Function):
                 end = min(start + rows, num_tokens)
                 h_pol = policy_hidden[start:end].to(policy_dtype)  # [n, H]
                 z_pol, dz_dx = _project(h_pol, p_w, p_b, policy_scale, policy_softcap, with_derivative=True)
-                lp_pol = torch.log_softmax(z_pol, dim=-1)  # [n, V]
+                lp_pol = z_pol.sub_(policy_lse[start:end].unsqueeze(-1))  # [n, V], log-softmax with the forward's lse
                 del z_pol
                 p_pol = lp_pol.exp()
                 # Per-row coefficient of p_pol in the combined gradient:
@@ -341,12 +358,11 @@ class TokenStatsFunction(torch.autograd.Function):
                     coef += g_fkl[start:end]
                 if needs_ref:
                     z_ref, _ = _project(ref_hidden[start:end].to(ref_dtype), r_w, r_b, ref_scale, ref_softcap)
-                    lp_ref = torch.log_softmax(z_ref, dim=-1)  # [n, V]
+                    lp_ref = z_ref.sub_(ref_lse[start:end].unsqueeze(-1))  # [n, V]
                     del z_ref
                 if g_rkl is not None:
                     log_ratio = lp_pol.sub_(lp_ref)  # lp_pol is not needed any more: reuse its storage
-                    rkl = (p_pol * log_ratio).sum(-1)
-                    coef -= g_rkl[start:end] * rkl
+                    coef -= g_rkl[start:end] * saved_rkl[start:end]  # the forward's per-row reverse KL
                     grad_z = log_ratio.mul_(g_rkl[start:end].unsqueeze(-1)).add_(coef.unsqueeze(-1)).mul_(p_pol)
                 else:
                     grad_z = p_pol.mul_(coef.unsqueeze(-1))
@@ -357,7 +373,8 @@ class TokenStatsFunction(torch.autograd.Function):
                     del lp_ref
                 if g_lp is not None:
                     grad_z.scatter_add_(-1, labels[start:end].unsqueeze(-1), g_lp[start:end].unsqueeze(-1))
-                grad_x = grad_z.mul_(dz_dx)  # [n, V], gradient w.r.t. the raw projection output
+                # [n, V], gradient w.r.t. the raw projection output (no pass over the tile for a unit scale)
+                grad_x = grad_z if isinstance(dz_dx, float) and dz_dx == 1.0 else grad_z.mul_(dz_dx)
                 if grad_bias is not None:
                     grad_bias += grad_x.sum(0)
                 # Like autograd through a low-precision linear layer, the logits gradient takes the compute dtype
