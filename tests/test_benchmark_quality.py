@@ -6,6 +6,7 @@ import importlib.util
 import json
 import math
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -40,7 +41,11 @@ def test_quick_benchmark_runs(tmp_path):
     bq = _load_script()
     out, images = tmp_path / "out", tmp_path / "images"
     cache = os.environ.get("TRL_TOKENPO_TASK_CACHE", str(tmp_path / "task_cache"))
-    summary = bq.main(["--quick", "--output_dir", str(out), "--images_dir", str(images), "--task_cache_dir", cache])
+    # as a user runs it: a subprocess, whose spawned workers re-import the script as their main module
+    args = ["--quick", "--output_dir", str(out), "--images_dir", str(images), "--task_cache_dir", cache]
+    result = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stderr[-4000:]
+    summary = json.loads((out / "summary.json").read_text())
 
     for name in ("results.jsonl", "summary.json", "summary.md", "auroc.json"):
         assert (out / name).is_file(), name

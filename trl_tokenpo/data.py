@@ -26,6 +26,9 @@ ESTIMATOR_HINT = (
 )
 
 
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
 class TokenColumnError(ValueError):
     """A per-token column is missing, misaligned with the tokenized completion, or holds invalid values."""
 
@@ -114,6 +117,7 @@ def validate_token_columns(
     rejected_column: str,
     allow_negative: bool,
     hint: str = ESTIMATOR_HINT,
+    source_rows: Sequence[int] | None = None,
 ) -> None:
     """Check every row's per-token columns against TRL's tokenized completions, before any training step.
 
@@ -128,6 +132,8 @@ def validate_token_columns(
         chosen_column, rejected_column (`str`): the per-token columns.
         allow_negative (`bool`): whether negative values are valid (rewards: yes; weights: no).
         hint (`str`): what to tell the user when the columns are missing.
+        source_rows (`Sequence[int]`, *optional*): the row of the dataset as given of each row of `dataset`, when
+            rows were dropped by the tokenization; messages name those rows.
     """
     if isinstance(dataset, IterableDataset):
         return
@@ -142,7 +148,8 @@ def validate_token_columns(
     for batch in dataset.select_columns(columns).iter(batch_size=1024):
         for i in range(len(batch["chosen_ids"])):
             for side, name in (("chosen", chosen_column), ("rejected", rejected_column)):
-                _check_row(batch[name][i], batch[f"{side}_ids"][i], dataset_name, row + i, name, side, allow_negative)
+                source_row = source_rows[row + i] if source_rows is not None else row + i
+                _check_row(batch[name][i], batch[f"{side}_ids"][i], dataset_name, source_row, name, side, allow_negative)
         row += len(batch["chosen_ids"])
 
 
@@ -164,6 +171,11 @@ def _check_row(values, ids, dataset_name, row, name, side, allow_negative):
             raise TokenColumnError(f"{where}, token {position}: expected a float, got {value!r}.")
         if not math.isfinite(value):
             raise TokenColumnError(f"{where}, token {position}: value {value} is not finite. Fix or drop this row.")
+        if abs(value) > FLOAT32_MAX:
+            raise TokenColumnError(
+                f"{where}, token {position}: value {value} does not fit in float32 (the trainer's dtype for per-token "
+                "values; it would become infinite). Fix or drop this row."
+            )
         if not allow_negative and value < 0:
             raise TokenColumnError(
                 f"{where}, token {position}: weight {value} is negative; importance weights must be >= 0. If these are "

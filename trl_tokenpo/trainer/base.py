@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
+import os
 import warnings
 from dataclasses import dataclass, fields
 
@@ -22,6 +24,7 @@ import torch
 from accelerate.logging import get_logger
 from accelerate.utils import is_peft_model
 from datasets import Dataset, IterableDataset
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from trl import DPOConfig, DPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
@@ -34,6 +37,10 @@ logger = get_logger(__name__)
 
 # Batch keys that are not model inputs: DPOTrainer passes every other key to `model(**kwargs)`, whose `**kwargs`
 # would silently swallow them.
+# Written into each checkpoint: trainer counters that `TrainerState` does not hold
+COUNTERS_NAME = "token_level_trainer_counters.json"
+# Temporary column holding each row's index in the dataset as given, while TRL tokenizes (and may drop rows)
+ROW_COLUMN = "__trl_tokenpo_row__"
 NON_MODEL_KEYS = frozenset(
     {"completion_mask", "ref_chosen_logps", "ref_rejected_logps", "token_weights", "ref_token_logps"}
 )
@@ -186,33 +193,113 @@ class TokenLevelDPOTrainer(DPOTrainer):
         )
 
     # ------------------------------------------------------------------------------------------------------------
+    # Checkpoints
+    # ------------------------------------------------------------------------------------------------------------
+
+    def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None):
+        # DPOTrainer logs `num_tokens` from a counter kept on the trainer, which a resumed run would restart from 0;
+        # the checkpoint holds its value (see `_save_checkpoint`)
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir})")
+        if isinstance(resume_from_checkpoint, (str, os.PathLike)):
+            path = os.path.join(resume_from_checkpoint, COUNTERS_NAME)
+            if os.path.isfile(path):
+                with open(path) as f:
+                    self._total_train_tokens = json.load(f)["total_train_tokens"]
+        return super().train(
+            resume_from_checkpoint=resume_from_checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval
+        )
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            if os.path.isdir(folder):
+                with open(os.path.join(folder, COUNTERS_NAME), "w") as f:
+                    json.dump({"total_train_tokens": self._total_train_tokens}, f)
+
+    # ------------------------------------------------------------------------------------------------------------
     # Data
     # ------------------------------------------------------------------------------------------------------------
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         num_rows = len(dataset) if isinstance(dataset, Dataset) else None
+        self._check_text_columns(dataset, dataset_name)
+        if num_rows:
+            # Carried through TRL's tokenization, so that messages name the user's row even after rows were dropped
+            dataset = dataset.add_column(ROW_COLUMN, list(range(num_rows)))
         dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+        source_rows = None
+        if num_rows:
+            if len(dataset) < num_rows:
+                source_rows = list(dataset[ROW_COLUMN])
+            dataset = dataset.remove_columns(ROW_COLUMN)
+        if not hasattr(self, "_source_rows"):
+            self._source_rows = {}
+        self._source_rows[dataset_name] = source_rows
+        if num_rows and len(dataset) == 0:
+            raise ValueError(
+                f"All {num_rows} rows of the {dataset_name} dataset were dropped because their prompt alone fills "
+                f"`max_length={args.max_length}` (with truncation_mode='keep_start' no completion token would remain). "
+                "Increase `max_length` or use truncation_mode='keep_end'."
+            )
         if num_rows is not None and len(dataset) < num_rows:
+            dropped = sorted(set(range(num_rows)) - set(source_rows))
+            shown = ", ".join(map(str, dropped[:10])) + (", ..." if len(dropped) > 10 else "")
             logger.warning(
                 f"{num_rows - len(dataset)} of {num_rows} rows of the {dataset_name} dataset were dropped because "
                 f"their prompt alone fills `max_length={args.max_length}` (with truncation_mode='keep_start' no "
-                "completion token would remain). Increase `max_length` or use truncation_mode='keep_end' to keep them.",
+                "completion token would remain). Increase `max_length` or use truncation_mode='keep_end' to keep them. "
+                f"Dropped rows: {shown}.",
                 main_process_only=True,
             )
         if isinstance(dataset, Dataset) and len(dataset) > 0:
-            self._check_completions(dataset, dataset_name)
+            self._check_completions(dataset, dataset_name, source_rows)
         return dataset
 
     @staticmethod
-    def _check_completions(dataset: Dataset, dataset_name: str) -> None:
-        """A completion with no token would give an empty sum and no learning signal: refuse it with its row."""
+    def _check_text_columns(dataset, dataset_name: str) -> None:
+        """Refuse, naming the row and the column, what TRL's tokenization would fail on with an unrelated error (a
+        `KeyError`, or an `AttributeError` on `None`): a missing `chosen` / `rejected` column, and a prompt or
+        completion that is neither a string nor a list of messages. An `IterableDataset` is checked by TRL only."""
+        if not isinstance(dataset, Dataset):
+            return
+        missing = [c for c in ("chosen", "rejected") if c not in dataset.column_names]
+        if missing:
+            raise ValueError(
+                f"The {dataset_name} dataset has no column {', '.join(f'`{c}`' for c in missing)} (its columns: "
+                f"{dataset.column_names}). A preference dataset needs `chosen` and `rejected` (and optionally "
+                "`prompt`), as text or as lists of messages."
+            )
+        columns = [c for c in ("prompt", "chosen", "rejected") if c in dataset.column_names]
+        row = 0
+        for batch in dataset.select_columns(columns).iter(batch_size=4096):
+            for column in columns:
+                for i, value in enumerate(batch[column]):
+                    if isinstance(value, str) or (
+                        isinstance(value, list) and all(isinstance(message, dict) for message in value)
+                    ):
+                        continue
+                    raise ValueError(
+                        f"{dataset_name} dataset, row {row + i}, column `{column}`: expected a string or a list of "
+                        f"messages (dicts with 'role' and 'content'); got {type(value).__name__} ({value!r:.80})."
+                    )
+            row += len(batch[columns[0]])
+
+    @staticmethod
+    def _check_completions(dataset: Dataset, dataset_name: str, source_rows: list[int] | None = None) -> None:
+        """A completion with no token would give an empty sum and no learning signal: refuse it with its row (the
+        row of the dataset as given, `source_rows[i]` when rows were dropped)."""
         row = 0
         for batch in dataset.select_columns(["chosen_ids", "rejected_ids"]).iter(batch_size=4096):
             for side in ("chosen", "rejected"):
                 for i, ids in enumerate(batch[f"{side}_ids"]):
                     if len(ids) == 0:
                         raise ValueError(
-                            f"{dataset_name} dataset, row {row + i}, column `{side}`: the completion tokenizes to no "
+                            f"{dataset_name} dataset, row {source_rows[row + i] if source_rows else row + i}, column "
+                            f"`{side}`: the completion tokenizes to no "
                             "token (after the prompt). Check that the completion is not empty and that the chat "
                             "template renders an assistant turn for it, or drop the row."
                         )

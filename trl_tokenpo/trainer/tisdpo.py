@@ -7,6 +7,8 @@ import textwrap
 from dataclasses import dataclass, field
 
 import torch
+from accelerate.logging import get_logger
+from accelerate.utils import is_peft_model
 from datasets import Dataset
 from datasets.fingerprint import Hasher
 from trl import DPOConfig
@@ -17,7 +19,10 @@ from ..weights import WEIGHT_TRANSFORMS, WeightTransform
 from .base import NON_MODEL_KEYS, Objective, TokenLevelDPOTrainer
 
 
+logger = get_logger(__name__)
+
 REWARD_COLUMNS = ("chosen_token_rewards", "rejected_token_rewards")
+REF_LOGPS_COLUMNS = ("chosen_ref_logps", "rejected_ref_logps")
 WEIGHT_COLUMNS = ("chosen_weights", "rejected_weights")
 
 
@@ -235,6 +240,8 @@ class TISDPOTrainer(TokenLevelDPOTrainer):
 
     def _precompute_ref_logps(self, dataset, name, batch_size):
         self._ensure_token_collator()
+        if isinstance(dataset, Dataset) and all(c in dataset.column_names for c in REF_LOGPS_COLUMNS):
+            return self._ref_sums_from_columns(dataset, name, batch_size)
         # DPOTrainer caches the precomputed values under a hash of (dataset, model): the weighted sums also depend on
         # the weight transform and LD-DPO, so they join the hash once
         if not getattr(self, "_weighted_hash_applied", False):
@@ -244,6 +251,61 @@ class TISDPOTrainer(TokenLevelDPOTrainer):
             )  # fmt: skip
             self._weighted_hash_applied = True
         return super()._precompute_ref_logps(dataset, name, batch_size)
+
+    def _ref_sums_from_columns(self, dataset, name, batch_size):
+        """The reference sums from the per-token reference log-probabilities the estimator wrote
+        (`include_ref_logps=True`), with no reference forward pass. Refused unless the estimator's base model and
+        tokenizer are exactly this trainer's reference and tokenizer."""
+        from ..estimator.cache import reference_fingerprint
+
+        self._check_ref_logps_source(dataset, name, reference_fingerprint)
+        validate_token_columns(dataset, name, *REF_LOGPS_COLUMNS, allow_negative=True, hint="")
+        collator = DataCollatorForTokenPreference(
+            pad_token_id=self.data_collator.pad_token_id,
+            max_length=self.data_collator.max_length,
+            truncation_mode=self.data_collator.truncation_mode,
+            token_columns=[self._token_column(), TokenColumn("ref_token_logps", *REF_LOGPS_COLUMNS)],
+        )
+        columns = ["prompt_ids", "chosen_ids", "rejected_ids", *self._token_source, *REF_LOGPS_COLUMNS]
+        chosen, rejected = [], []
+        for start in range(0, len(dataset), batch_size):
+            batch = collator(dataset.select_columns(columns).select(range(start, min(start + batch_size, len(dataset)))))
+            mask = batch["completion_mask"][:, 1:].to(torch.float32)
+            ld_weights = losses.length_desensitized_weights(mask, self.ld_alpha) if self.ld_alpha is not None else mask
+            token_logps = batch["ref_token_logps"][:, 1:]
+            weights = batch["token_weights"][:, 1:]
+            sums = torch.stack(
+                [losses.masked_sum(token_logps, mask, ld_weights), losses.masked_sum(token_logps, mask, weights * ld_weights)],
+                dim=-1,
+            )
+            c, r = sums.chunk(2, dim=0)
+            chosen.extend(c.tolist())
+            rejected.extend(r.tolist())
+        return dataset.add_column("ref_chosen_logps", chosen).add_column("ref_rejected_logps", rejected)
+
+    def _check_ref_logps_source(self, dataset, name, reference_fingerprint):
+        if "ref_logps_fingerprint" not in dataset.column_names:
+            raise TokenColumnError(
+                f"The {name} dataset has `chosen_ref_logps` / `rejected_ref_logps` but no `ref_logps_fingerprint` "
+                "column saying which model computed them, so they cannot be checked against this trainer's reference. "
+                "Recompute them with `ContrastiveWeightEstimator` (include_ref_logps=True), or drop the columns."
+            )
+        unwrapped = self.accelerator.unwrap_model(self.ref_model if self.ref_model is not None else self.model)
+        if self.ref_model is None and is_peft_model(unwrapped) and "ref" in unwrapped.peft_config:
+            raise ValueError(
+                "The reference of this run is a copy of your pre-trained PEFT adapter, not the base model the "
+                "estimator scored with adapters disabled: its per-token reference log-probs do not apply. Drop the "
+                "`chosen_ref_logps` / `rejected_ref_logps` columns to compute the reference here."
+            )
+        expected = reference_fingerprint(unwrapped, self.processing_class)
+        found = set(dataset.unique("ref_logps_fingerprint"))
+        if found != {expected}:
+            raise ValueError(
+                f"The per-token reference log-probs of the {name} dataset were computed by another model or tokenizer "
+                f"(fingerprint {sorted(found)[0][:12]}...) than this trainer's reference ({expected[:12]}...). Using them "
+                "would train against a stale reference. Recompute them with the estimator on this model, or drop the "
+                "`chosen_ref_logps` / `rejected_ref_logps` columns."
+            )
 
     def compute_ref_log_probs(self, model, inputs):
         """Reference sums of one padded batch for `precompute_ref_log_probs`: per completion, `[unweighted, weighted]`
@@ -307,8 +369,19 @@ class TISDPOTrainer(TokenLevelDPOTrainer):
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+        if isinstance(dataset, Dataset) and all(c in dataset.column_names for c in REF_LOGPS_COLUMNS):
+            if not args.precompute_ref_log_probs:
+                logger.warning(
+                    f"The {dataset_name} dataset carries per-token reference log-probs (`chosen_ref_logps` / "
+                    "`rejected_ref_logps`), which this run does not use: they replace the reference model only with "
+                    "`precompute_ref_log_probs=True` (and tis_kl_term='none'). The reference runs live instead.",
+                    main_process_only=True,
+                )
         chosen, rejected = self._token_source
-        validate_token_columns(dataset, dataset_name, chosen, rejected, allow_negative=self._token_source == REWARD_COLUMNS)
+        validate_token_columns(
+            dataset, dataset_name, chosen, rejected, allow_negative=self._token_source == REWARD_COLUMNS,
+            source_rows=self._source_rows.get(dataset_name),
+        )  # fmt: skip
         return dataset
 
     def _extra_signature_columns(self):
