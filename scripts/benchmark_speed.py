@@ -4,6 +4,7 @@
 What is measured
 ----------------
 For every trainer (``dpo`` = ``trl.DPOTrainer`` with the sigmoid loss, ``tdpo1``, ``tdpo2``, ``tisdpo-none``,
+``tisdpo-none-precomputed`` (``precompute_ref_log_probs=True``: no reference model kept, no reference forward),
 ``tisdpo-reverse``, ``tisdpo-tdpo``) the script builds, in a FRESH subprocess, the same randomly initialised causal LM
 (seeded), a copy of it as the reference model, the same synthetic preference batch, and times
 
@@ -73,7 +74,7 @@ REPO = Path(__file__).resolve().parent.parent
 DOCS = REPO / "docs" / "benchmarks.md"
 RESULT_TAG = "BENCH_RESULT "
 
-TRAINERS = ("dpo", "tdpo1", "tdpo2", "tisdpo-none", "tisdpo-reverse", "tisdpo-tdpo")
+TRAINERS = ("dpo", "tdpo1", "tdpo2", "tisdpo-none", "tisdpo-reverse", "tisdpo-tdpo", "tisdpo-none-precomputed")
 SCALING_TRAINERS = ("dpo", "tdpo2")
 SCALING_LENGTHS = (256, 512, 1024, 2048)
 ESTIMATOR_ROWS = ("forward-x2", "estimator-prompt")
@@ -84,6 +85,8 @@ TARGETS = {
     "tisdpo-reverse": (1.25, 1.10),
     "tisdpo-tdpo": (1.25, 1.10),
     "tisdpo-none": (1.05, 1.02),
+    # no reference forward and no reference model in memory: <= 0.75x DPO's step time, memory below DPO's
+    "tisdpo-none-precomputed": (0.75, 1.0),
 }
 ESTIMATOR_TARGET = 0.8  # estimator tokens/s >= 0.8x those of two plain forward passes
 
@@ -276,6 +279,10 @@ def build_trainer(name: str, model, ref_model, tokenizer, dataset, size: Size, o
     if name in ("tdpo1", "tdpo2"):
         return TDPOTrainer(model=model, ref_model=ref_model, args=TDPOConfig(**common, tdpo_variant=name),
                            train_dataset=dataset, processing_class=tokenizer)
+    if name == "tisdpo-none-precomputed":
+        # the reference's weighted sums are computed once at construction; no reference model is kept
+        return TISDPOTrainer(model=model, ref_model=None, args=TISDPOConfig(**common, precompute_ref_log_probs=True),
+                             train_dataset=with_random_weights(dataset, tokenizer, seed), processing_class=tokenizer)
     if name.startswith("tisdpo-"):
         kl_term = name.split("-", 1)[1]
         return TISDPOTrainer(model=model, ref_model=ref_model, args=TISDPOConfig(**common, tis_kl_term=kl_term),
@@ -299,7 +306,7 @@ def run_trainer_worker(name: str, size: Size, warmup: int, steps: int, seed: int
     cuda = torch.cuda.is_available()
     tokenizer = build_tokenizer(size.vocab_size)
     model = build_model(size, tokenizer, seed)
-    ref_model = copy.deepcopy(model)
+    ref_model = None if name.endswith("-precomputed") else copy.deepcopy(model)
     dataset = build_dataset(size, seed)
     with tempfile.TemporaryDirectory() as output_dir:
         trainer = build_trainer(name, model, ref_model, tokenizer, dataset, size, output_dir, seed)
