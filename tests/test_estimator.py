@@ -207,6 +207,59 @@ def test_swapping_the_adapters_negates_the_rewards(fitted_dpo, tmp_path):
             np.testing.assert_allclose(a, -np.asarray(b), atol=1e-6)
 
 
+def test_merged_adapter_passes_equal_unmerged_ones_and_restore_the_weights_exactly(fitted_dpo, tmp_path, monkeypatch):
+    """sft / dpo score each shard with an adapter merged into the float32 base weights; the scores equal those of the
+    unmerged adapters, the weights come back bit for bit and the base fingerprint (hence the cache key) is kept."""
+    from trl_tokenpo.estimator import estimator as module
+    from trl_tokenpo.estimator.cache import fingerprint_base_model
+
+    estimator, dataset, result, _ = fitted_dpo
+    model = estimator.model
+    before = {n: t.detach().clone() for n, t in model.state_dict().items()}
+    digest = estimator.base_model_fingerprint()
+    used = []
+    original = module._merge_backup
+
+    def spy(peft_model):
+        backup = original(peft_model)
+        used.append(backup is not None)
+        return backup
+
+    monkeypatch.setattr(module, "_merge_backup", spy)
+    monkeypatch.setattr(estimator.args, "cache_dir", str(tmp_path / "merged"))
+    merged = estimator.score(dataset)
+    assert used == [True] and not estimator.stats["cache_hit"]
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[n], t) for n, t in before.items())
+    assert estimator.base_model_fingerprint() == digest == fingerprint_base_model(model)
+
+    monkeypatch.setattr(module, "_merge_backup", lambda peft_model: None)
+    monkeypatch.setattr(estimator.args, "cache_dir", str(tmp_path / "unmerged"))
+    unmerged = estimator.score(dataset)
+    largest = 0.0
+    for column in REWARD_COLUMNS + REF_COLUMNS:
+        for a, b, c in zip(merged[column], unmerged[column], result[column]):
+            np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+            np.testing.assert_allclose(a, c, atol=1e-5, rtol=0)
+            largest = max(largest, float(np.abs(np.asarray(a)).max(initial=0.0)))
+    assert largest > 1e-2
+
+
+def test_merging_is_only_used_for_plain_float32_or_float16_lora_layers(tiny):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from trl_tokenpo.estimator.estimator import _merge_backup
+
+    for dtype, expected in ((torch.float32, True), (torch.float16, True), (torch.bfloat16, False)):
+        model = AutoModelForCausalLM.from_pretrained(tiny, dtype=dtype)
+        peft_model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=2, target_modules="all-linear"))
+        backup = _merge_backup(peft_model)
+        assert (backup is not None) == expected
+        if backup:
+            assert all(saved.device.type == "cpu" and torch.equal(saved, p.cpu()) for p, saved in backup)
+
+
 @pytest.mark.parametrize("kind", ["standard", "conversational", "implicit"])
 def test_output_lengths_equal_the_trainer_tokenization(kind, tiny, tmp_path):
     from transformers import AutoTokenizer

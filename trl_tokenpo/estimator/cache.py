@@ -60,9 +60,11 @@ __all__ = [
     "MissingShardError",
     "ShardedScoreCache",
     "fingerprint",
+    "fingerprint_base_model",
     "fingerprint_dataset",
     "fingerprint_module",
     "fingerprint_tokenizer",
+    "reference_fingerprint",
 ]
 
 FORMAT_VERSION = 1
@@ -304,6 +306,100 @@ def fingerprint_module(
         what = "trainable parameters" if trainable_only else "parameters"
         raise ValueError(f"module {type(module).__name__} has no {what} to fingerprint")
     return hasher.hexdigest()
+
+
+# Config keys that do not change what a model computes from given weights: versions, dtype (the weights carry it),
+# the architecture list and every private key (`_name_or_path`, `_attn_implementation`, ...).
+# Config keys that do not change what the model computes for a given input: versions, dtype (the weights' dtypes are
+# hashed), and runtime switches that trainers flip (TRL sets `use_cache=False`)
+_CONFIG_IGNORED = (
+    "transformers_version", "dtype", "torch_dtype", "architectures", "use_cache", "output_attentions",
+    "output_hidden_states", "return_dict",
+)  # fmt: skip
+_PEFT_PREFIX = "base_model.model."
+
+
+def _unwrap_peft(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model under a ``PeftModel`` / PEFT tuner (adapter layers still injected), else ``model``."""
+    try:
+        from peft import PeftModel
+        from peft.tuners.tuners_utils import BaseTuner
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return model
+    if isinstance(model, PeftModel):
+        model = model.base_model
+    if isinstance(model, BaseTuner):
+        model = model.model
+    return model
+
+
+def _base_weights(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """Sorted (normalized name, tensor) of every parameter and persistent buffer of the base model, leaving out what
+    PEFT adds: adapter weights (``lora_A``, ``lora_B``, ``lora_embedding_*``, ``lora_magnitude_vector``, and the
+    layers of other tuners), the ``modules_to_save`` copies; ``.base_layer`` / ``.original_module`` segments are
+    removed and a ``base_model.model.`` prefix stripped, so the names are those of the plain model."""
+    excluded: list[str] = []
+    wrappers: set[str] = set()
+    for prefix, module in model.named_modules():
+        adapter_names = getattr(module, "adapter_layer_names", None)
+        if adapter_names is None or not prefix:
+            continue
+        wrappers.add(prefix)
+        excluded.extend(f"{prefix}.{name}." for name in adapter_names)
+    weights = []
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if any(name.startswith(e) for e in excluded) or tensor is None:
+            continue
+        parts = name.split(".")
+        kept = [
+            part
+            for i, part in enumerate(parts)
+            if not (part in ("base_layer", "original_module") and ".".join(parts[:i]) in wrappers)
+        ]
+        name = ".".join(kept)
+        if name.startswith(_PEFT_PREFIX):
+            name = name[len(_PEFT_PREFIX) :]
+        weights.append((name, tensor))
+    weights.sort(key=lambda item: item[0])
+    return weights
+
+
+def fingerprint_base_model(model: torch.nn.Module) -> str:
+    """Digest of a model's base weights, the same for a plain model and for it wrapped with PEFT adapters.
+
+    Hashed: the class of the (unwrapped) model, its config (``to_dict()`` without private keys such as
+    ``_name_or_path``, ``transformers_version``, ``dtype`` / ``torch_dtype`` and ``architectures``), and the name,
+    dtype, shape and bytes of every parameter and persistent buffer (``state_dict``; tied weights appear under each
+    of their names). Adapter parameters and ``modules_to_save`` copies are left out and the names are normalized
+    (``base_model.model.`` prefix, ``.base_layer`` and ``.original_module`` segments removed), so that
+    ``peft.get_peft_model(model, LoraConfig(...))`` with fresh adapters, or a ``PeftModel`` loaded on ``model``, gives
+    the digest of ``model`` itself. Merged adapters are part of the weights: the digest then changes, as it should.
+
+    Cost: one streamed SHA-256 pass over the weights, as :func:`fingerprint_module`.
+    """
+    model = _unwrap_peft(model)
+    hasher = _CanonicalHasher()
+    hasher.update("base_model/2")
+    hasher.update(type(model).__name__)
+    config = getattr(model, "config", None)
+    config_dict = config.to_dict() if hasattr(config, "to_dict") else {}
+    hasher.update(
+        _jsonable({k: v for k, v in config_dict.items() if not k.startswith("_") and k not in _CONFIG_IGNORED})
+    )
+    weights = _base_weights(model)
+    if not weights:
+        raise ValueError(f"model {type(model).__name__} has no weights to fingerprint")
+    for name, tensor in weights:
+        hasher.update(name)
+        hasher.update_tensor(tensor)
+    return hasher.hexdigest()
+
+
+def reference_fingerprint(model: torch.nn.Module, processing_class: Any) -> str:
+    """Digest identifying precomputed reference log-probs: what produced them (the base weights of ``model``, see
+    :func:`fingerprint_base_model`) and how the text was tokenized (:func:`fingerprint_tokenizer`). A trainer
+    recomputes it from its own reference model and tokenizer and refuses stored ``*_ref_logps`` on a mismatch."""
+    return fingerprint("reference-logps-v1", fingerprint_base_model(model), fingerprint_tokenizer(processing_class))
 
 
 def _named_weights(

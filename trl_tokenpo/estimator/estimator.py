@@ -11,14 +11,17 @@ Life of a call to :meth:`ContrastiveWeightEstimator.estimate`:
    saved under ``output_dir/adapters/<fit fingerprint>/{plus,minus}`` and unloaded, leaving the base model as it was.
    Saved adapters whose fit fingerprint matches are reused without training.
 2. ``score``: the results are looked up in a :class:`~trl_tokenpo.estimator.cache.ShardedScoreCache` keyed by a
-   fingerprint of everything they depend on. Missing shards are scored (both adapters loaded on the base model and
-   switched by name; label log-probs gathered through TRL's fused LM head, never full-vocabulary logits for a batch),
-   written atomically one by one, and the whole cache is read back. Under ``torchrun`` / ``accelerate``, rank ``r``
+   fingerprint of everything they depend on. Missing shards are scored (both adapters loaded on the base model; each
+   shard is length-sorted and scored whole with ``"plus"``, then whole with ``"minus"``, the active adapter merged
+   into float32 / float16 base weights for its pass and the weights restored bit for bit afterwards; label log-probs
+   gathered through TRL's fused LM head, never full-vocabulary logits for a batch), written atomically one by one,
+   and the whole cache is read back. Under ``torchrun`` / ``accelerate``, rank ``r``
    scores the shards ``i`` with ``i % world_size == r``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import gc
@@ -40,16 +43,26 @@ from trl import DPOConfig
 from trl.data_utils import is_conversational
 
 from ..data import tokenize_preference_dataset
-from .cache import IncompleteCacheError, ShardedScoreCache, fingerprint, fingerprint_dataset, fingerprint_tokenizer
+from .cache import (
+    IncompleteCacheError,
+    ShardedScoreCache,
+    fingerprint,
+    fingerprint_base_model,
+    fingerprint_dataset,
+    fingerprint_tokenizer,
+)
 from .config import WeightEstimatorConfig
 
 
 logger = logging.get_logger(__name__)
 
-__all__ = ["REF_COLUMNS", "REWARD_COLUMNS", "ContrastiveWeightEstimator"]
+__all__ = ["REF_COLUMNS", "REF_FINGERPRINT_COLUMN", "REWARD_COLUMNS", "ContrastiveWeightEstimator"]
 
 REWARD_COLUMNS = ("chosen_token_rewards", "rejected_token_rewards")
 REF_COLUMNS = ("chosen_ref_logps", "rejected_ref_logps")
+# With include_ref_logps: on every row, `reference_fingerprint(base model, tokenizer)` of the model that produced the
+# reference log-probs, so a trainer can check them against its own reference model and tokenizer.
+REF_FINGERPRINT_COLUMN = "ref_logps_fingerprint"
 ADAPTERS = ("plus", "minus")
 SIDES = ("chosen", "rejected")
 # Bump when what is stored under a key changes meaning (scoring rules, column definitions).
@@ -161,6 +174,7 @@ class ContrastiveWeightEstimator:
         self.adapter_paths: dict[str, str] | None = None
         self.stats: dict[str, Any] = {}
         self._base_fingerprint_memo: tuple[list[torch.Tensor], list[int], str] | None = None
+        self._merge_backup: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
     # ----------------------------------------------------------------------------------------------------------------
     # Public API
@@ -171,8 +185,10 @@ class ContrastiveWeightEstimator:
 
         Returns `dataset` (all rows, same order, original columns untouched) with `chosen_token_rewards` and
         `rejected_token_rewards` added (and `chosen_ref_logps` / `rejected_ref_logps` with `include_ref_logps`): one
-        float32 per token of TRL's tokenized completion. A repeated call with unchanged inputs trains and scores
-        nothing.
+        float32 per token of TRL's tokenized completion. With `include_ref_logps`, the string column
+        `ref_logps_fingerprint` holds on every row the [`~trl_tokenpo.estimator.cache.reference_fingerprint`] of the
+        base model and tokenizer, which a trainer can recompute from its own reference model to refuse a mismatch. A
+        repeated call with unchanged inputs trains and scores nothing.
         """
         self._validate(dataset)
         self.fit(dataset)
@@ -266,7 +282,8 @@ class ContrastiveWeightEstimator:
             raise RuntimeError(f"The score cache {cache.directory} could not be completed.")
 
         out = dataset
-        present = [c for c in columns if c in out.column_names]
+        added = columns + ([REF_FINGERPRINT_COLUMN] if self.args.include_ref_logps else [])
+        present = [c for c in added if c in out.column_names]
         if present:
             logger.warning(f"The dataset already has {present}; they are replaced by the new estimate.")
             out = out.remove_columns(present)
@@ -277,6 +294,19 @@ class ContrastiveWeightEstimator:
                 values[column],
                 feature=feature,
                 new_fingerprint=fingerprint(out._fingerprint, key, column)[:32],
+            )
+        if self.args.include_ref_logps:
+            import datasets
+
+            # = reference_fingerprint(self.model, self.processing_class), with the memoized base digest
+            reference = fingerprint(
+                "reference-logps-v1", self.base_model_fingerprint(), fingerprint_tokenizer(self.processing_class)
+            )
+            out = out.add_column(
+                REF_FINGERPRINT_COLUMN,
+                [reference] * len(out),
+                feature=datasets.Value("string"),
+                new_fingerprint=fingerprint(out._fingerprint, key, REF_FINGERPRINT_COLUMN)[:32],
             )
         return out
 
@@ -301,22 +331,16 @@ class ContrastiveWeightEstimator:
     # -----------------------------------------------------------------------------------------------------------------
 
     def base_model_fingerprint(self) -> str:
-        """Digest of the base model: class, config (without paths and versions) and every weight and buffer."""
+        """Digest of the base model ([`~trl_tokenpo.estimator.cache.fingerprint_base_model`]: class, config without
+        paths and versions, every weight and persistent buffer; the same with or without PEFT adapters injected)."""
         memo = self._base_fingerprint_memo
         if memo is not None:
             tensors, versions, digest = memo
             if all(t._version == v for t, v in zip(tensors, versions)):
                 return digest
-        if _is_peft_model(self.model) or any("lora_" in n for n, _ in self.model.named_parameters()):
-            raise RuntimeError("The base model carries adapters; its fingerprint must be taken without them.")
-        state = sorted(self.model.state_dict(keep_vars=True).items())
-        config = {
-            k: v
-            for k, v in self.model.config.to_dict().items()
-            if not k.startswith("_") and k not in ("transformers_version", "dtype", "torch_dtype", "architectures")
-        }
-        digest = fingerprint("base_model", type(self.model).__name__, _plain(config), [[name, t] for name, t in state])
-        self._base_fingerprint_memo = ([t for _, t in state], [t._version for _, t in state], digest)
+        tensors = [t for t in self.model.state_dict(keep_vars=True).values() if t is not None]
+        digest = fingerprint_base_model(self.model)
+        self._base_fingerprint_memo = (tensors, [t._version for t in tensors], digest)
         return digest
 
     def _fit_key(self, dataset: Dataset) -> tuple[str, dict]:
@@ -498,6 +522,7 @@ class ContrastiveWeightEstimator:
                 )
                 peft_model.load_adapter(self.adapter_paths["minus"], adapter_name="minus", is_trainable=False)
                 peft_model.eval()
+                self._merge_backup = _merge_backup(peft_model)
             model.eval()
             bar = tqdm(
                 total=rows_total,
@@ -515,6 +540,7 @@ class ContrastiveWeightEstimator:
                     bar.set_postfix(tok_s=f"{self.stats['scored_tokens'] / max(elapsed, 1e-9):.0f}")
             self.stats["scoring_seconds"] += time.perf_counter() - start
         finally:
+            self._merge_backup = None
             if peft_model is not None:
                 peft_model.unload()
             del peft_model
@@ -534,38 +560,54 @@ class ContrastiveWeightEstimator:
             )
 
     def _score_shard(self, cache, shard: int, tokenized: Dataset, contexts: dict, peft_model) -> None:
-        """Score the rows of one shard and write it (atomically)."""
+        """Score the rows of one shard and write it (atomically).
+
+        The 2 * rows sequences (row j, side s: index 2 * j + s) are length-sorted once and batched the same way for
+        every pass (less padding; results land at fixed positions of one flat array per pass, so the order is restored
+        for free). Each pass runs over the whole shard with one adapter active (merged into the base weights when
+        that is exact, see `_activate`), so adapters switch (and merge) twice per shard rather than per batch.
+        """
         rows = list(cache.shard_rows(shard))
-        columns = ["prompt_ids", "chosen_ids", "rejected_ids"]
-        part = tokenized.select(rows).select_columns(columns).to_dict()
-        ctx = {name: [contexts[name][r] for r in rows] for name in contexts}
-        # Length-sorted batches waste less padding; results are put back in row order.
-        order = sorted(range(len(rows)), key=lambda j: -(len(part["chosen_ids"][j]) + len(part["rejected_ids"][j])))
+        part = tokenized.select(rows).select_columns(["chosen_ids", "rejected_ids"]).to_dict()
+        completions = [part[f"{side}_ids"][j] for j in range(len(rows)) for side in SIDES]
+        lengths = torch.tensor([len(c) for c in completions], dtype=torch.long)
+        offsets = torch.zeros(len(completions) + 1, dtype=torch.long)
+        torch.cumsum(lengths, 0, out=offsets[1:])
         passes = self._passes()
         counted_context = passes[0][2]  # truncations are counted once per sequence, on the first pass's context
-        results: dict[str, list] = {name: [None] * len(rows) for name, _, _ in passes}
-        batch_size = self.args.scoring_batch_size
-        for b in range(0, len(order), batch_size):
-            batch = order[b : b + batch_size]
-            prepared: dict[str, Any] = {}
-            for pass_name, adapter, context in passes:
-                if context not in prepared:
-                    prepared[context] = self._build_batch(
-                        [ctx[context][j] for j in batch for _ in SIDES],
-                        [part[f"{side}_ids"][j] for j in batch for side in SIDES],
-                        count=context == counted_context,
-                    )
-                values = self._forward(prepared[context], peft_model, adapter)
-                for k, j in enumerate(batch):
-                    results[pass_name][j] = (values[2 * k], values[2 * k + 1])
-            self.stats["scored_tokens"] += sum(len(part[f"{s}_ids"][j]) for j in batch for s in SIDES)
+        row_contexts = {
+            name: [contexts[name][r] for r in rows for _ in SIDES] for name in dict.fromkeys(c for _, _, c in passes)
+        }
+        # One order for every context, so that the passes see the same batches of completions.
+        first = row_contexts[counted_context]
+        order = sorted(range(len(completions)), key=lambda k: -(len(first[k]) + len(completions[k])))
+        size = 2 * self.args.scoring_batch_size
+        chunks = [order[b : b + size] for b in range(0, len(order), size)]
+        prepared: dict[str, list] = {}
+        for name, ctx in row_contexts.items():
+            prepared[name] = []
+            for chunk in chunks:
+                batch = self._build_batch(
+                    [ctx[k] for k in chunk], [completions[k] for k in chunk], count=name == counted_context
+                )
+                prepared[name].append(_with_destinations(batch, offsets[torch.tensor(chunk, dtype=torch.long)]))
+        total = int(offsets[-1])
+        results: dict[str, torch.Tensor] = {}
+        for pass_name, adapter, context in passes:
+            flat = torch.zeros(total, dtype=torch.float32)
+            with self._activate(peft_model, adapter) as model:
+                for batch in prepared[context]:
+                    self._forward(batch, model, flat)
+            results[pass_name] = flat
+        self.stats["scored_tokens"] += total
+        bounds = offsets.tolist()
+        columns = {"token_rewards": (results["plus"] - results["minus"]).numpy()}
+        if "ref" in results:
+            columns["ref_logps"] = results["ref"].numpy()
         out: dict[str, list] = {}
-        for s, side in enumerate(SIDES):
-            out[f"{side}_token_rewards"] = [
-                (results["plus"][j][s] - results["minus"][j][s]).tolist() for j in range(len(rows))
-            ]
-            if "ref" in results:
-                out[f"{side}_ref_logps"] = [results["ref"][j][s].tolist() for j in range(len(rows))]
+        for suffix, values in columns.items():
+            for s, side in enumerate(SIDES):
+                out[f"{side}_{suffix}"] = [values[bounds[k] : bounds[k + 1]] for k in range(s, len(completions), 2)]
         cache.write_shard(shard, out)
         self.stats["scored_rows"] += len(rows)
 
@@ -582,7 +624,7 @@ class ContrastiveWeightEstimator:
     def _contexts(self, tokenized: Dataset) -> dict[str, list[list[int]]]:
         """The context ids of every row: the trainer's `prompt_ids`, and for the "prompt" method the system-prompted
         ones (the same prompt tokenized after the positive / negative system prompt)."""
-        contexts = {"prompt_ids": tokenized["prompt_ids"]}
+        contexts = {"prompt_ids": _column_as_lists(tokenized, "prompt_ids")}
         if self.args.method == "prompt":
             contexts["positive_ids"] = self._system_context_ids(tokenized, self.args.positive_system_prompt)
             contexts["negative_ids"] = self._system_context_ids(tokenized, self.args.negative_system_prompt)
@@ -602,7 +644,7 @@ class ContrastiveWeightEstimator:
                 desc="Adding the system prompt",
             )
             try:
-                return self._tokenize(prompted)["prompt_ids"]
+                return _column_as_lists(self._tokenize(prompted), "prompt_ids")
             except Exception as exc:  # a chat template that refuses the system role
                 if mode == "user" or not is_conversational(data[0]):
                     raise
@@ -634,41 +676,62 @@ class ContrastiveWeightEstimator:
             spans.append((len(context), scored, len(completion)))
         length = max(len(c) + len(s) for c, s in sequences)
         pad_id = self.tokenizer.pad_token_id
-        input_ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)
-        labels = torch.full((len(sequences), length), -100, dtype=torch.long)
-        for k, (context, completion) in enumerate(sequences):
-            n = len(context) + len(completion)
-            input_ids[k, :n] = torch.tensor(context + completion, dtype=torch.long)
-            attention_mask[k, :n] = 1
-            labels[k, len(context) : n] = torch.tensor(completion, dtype=torch.long)
+        ids, mask, targets = [], [], []
+        for context, completion in sequences:
+            n, pad = len(context) + len(completion), length - len(context) - len(completion)
+            ids.append(context + completion + [pad_id] * pad)
+            mask.append([1] * n + [0] * pad)
+            targets.append([-100] * len(context) + completion + [-100] * pad)
+        input_ids = torch.tensor(ids, dtype=torch.long)
+        attention_mask = torch.tensor(mask, dtype=torch.long)
+        labels = torch.tensor(targets, dtype=torch.long)
         labels[:, 0] = -100  # never predicted
         if count:
             unscored = sum(total - scored + (1 if start == 0 and scored else 0) for start, scored, total in spans)
             self.stats["unscored_tokens"] += unscored
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "spans": spans}
 
-    def _forward(self, batch: dict[str, Any], peft_model, adapter: str | None) -> list[torch.Tensor]:
-        """Per-sequence float32 log-probs of the completion tokens (0.0 where unscored) under one adapter or none."""
+    def _forward(self, batch: dict[str, Any], model, out: torch.Tensor) -> None:
+        """Write the float32 log-probs of the batch's scored completion tokens under `model` (the base model or the
+        PEFT model in the state `_activate` set) into their places `batch["destinations"]` of the flat `out`."""
         device = next(self.model.parameters()).device
-        inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "labels")}
+        inputs = {k: batch[k].to(device, non_blocking=True) for k in ("input_ids", "attention_mask", "labels")}
+        output = model(**inputs, fused_lm_head=True)
+        rows, positions = batch["sources"]
+        # log_probs[k, j - 1] is the log-prob of the label at position j; gathered on the device, copied once.
+        out[batch["destinations"]] = output.log_probs[rows.to(device), positions.to(device)].float().cpu()
+
+    @contextlib.contextmanager
+    def _activate(self, peft_model, adapter: str | None):
+        """Make `adapter` (or the bare base model when None) the model that a pass runs; yields the model to call.
+
+        When the adapters can be merged exactly (see `_merge_backup`), the adapter is merged into the base weights for
+        the duration of the pass, so every forward runs at the speed of the plain base model. Afterwards the adapter
+        is unmerged and the base weights are copied back from a backup taken before scoring, so they are restored bit
+        for bit (an unmerge alone leaves rounding differences of the order of one ulp).
+        """
         if peft_model is None:
-            output = self.model(**inputs, fused_lm_head=True)
-        elif adapter is None:
+            yield self.model
+            return
+        if adapter is None:
             with peft_model.disable_adapter():
-                output = peft_model(**inputs, fused_lm_head=True)
-        else:
-            peft_model.set_adapter(adapter)
-            output = peft_model(**inputs, fused_lm_head=True)
-        log_probs = output.log_probs.float().cpu()  # (N, T - 1): position j predicts label j + 1
-        values = []
-        for k, (start, scored, total) in enumerate(batch["spans"]):
-            row = torch.zeros(total, dtype=torch.float32)
-            lo = max(start, 1)
-            if scored and start + scored > lo:
-                row[lo - start : scored] = log_probs[k, lo - 1 : start + scored - 1]
-            values.append(row)
-        return values
+                yield peft_model
+            return
+        peft_model.set_adapter(adapter)
+        backup = self._merge_backup
+        if not backup:
+            yield peft_model
+            return
+        try:
+            peft_model.merge_adapter([adapter])
+            yield peft_model
+        finally:
+            try:
+                peft_model.unmerge_adapter()
+            finally:
+                with torch.no_grad():
+                    for param, saved in backup:
+                        param.data.copy_(saved, non_blocking=False)
 
     # ----------------------------------------------------------------------------------------------------------------
     # Helpers
@@ -720,6 +783,53 @@ def _strip_adapter_layers(model: torch.nn.Module) -> None:
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, module.get_base_layer())
+
+
+def _column_as_lists(dataset: Dataset, column: str) -> list[list[int]]:
+    """A column as plain Python lists, converted once (indexing `dataset[column]` row by row goes through Arrow
+    on every access, which cost as much as the forward passes of a small model)."""
+    return dataset.select_columns([column]).to_dict()[column]
+
+
+def _with_destinations(batch: dict[str, Any], starts_in_flat: torch.Tensor) -> dict[str, Any]:
+    """Add to a batch of `_build_batch` where each scored label goes: `sources` (row, position - 1) in the fused
+    head's `log_probs` and `destinations` in the flat per-pass array (`starts_in_flat[k]`: where sequence k starts)."""
+    rows, positions = (batch["labels"] != -100).nonzero(as_tuple=True)
+    context_lengths = torch.tensor([start for start, _, _ in batch["spans"]], dtype=torch.long)
+    batch["sources"] = (rows, positions - 1)
+    batch["destinations"] = starts_in_flat[rows] + positions - context_lengths[rows]
+    return batch
+
+
+def _merge_backup(peft_model) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """A CPU copy of every base weight an adapter merge would change, or None when merging is not used.
+
+    Merging is used only for LoRA adapters on plain float32 / float16 layers (`Linear`, `Embedding`, `Conv1d/2d`,
+    transformers' `Conv1D`): not for quantized layers (a merge would requantize) nor bfloat16 ones (a merged
+    bfloat16 weight rounds `W + BA` to 8 bits of mantissa, visibly changing the scores). The copy lets `_activate`
+    restore the weights exactly; it costs host memory the size of the adapted layers' weights.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils import PeftType
+    from transformers.pytorch_utils import Conv1D
+
+    mergeable = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d, Conv1D)
+    if any(config.peft_type != PeftType.LORA for config in peft_model.peft_config.values()):
+        return None
+    params: dict[int, torch.Tensor] = {}
+    for module in peft_model.modules():
+        if not isinstance(module, BaseTunerLayer) or not hasattr(module, "lora_A"):
+            continue
+        base = module.get_base_layer()
+        if type(base) not in mergeable:
+            return None
+        for param in base.parameters(recurse=False):
+            if param.dtype not in (torch.float32, torch.float16) or param.is_meta:
+                return None
+            params[id(param)] = param
+    if not params:
+        return None
+    return [(param, param.detach().to("cpu", copy=True)) for param in params.values()]
 
 
 def _add_system_prompt(example: dict, system_prompt: str, mode: str) -> dict:
