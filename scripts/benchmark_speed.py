@@ -77,7 +77,7 @@ RESULT_TAG = "BENCH_RESULT "
 TRAINERS = ("dpo", "tdpo1", "tdpo2", "tisdpo-none", "tisdpo-reverse", "tisdpo-tdpo", "tisdpo-none-precomputed")
 SCALING_TRAINERS = ("dpo", "tdpo2")
 SCALING_LENGTHS = (256, 512, 1024, 2048)
-ESTIMATOR_ROWS = ("forward-x2", "estimator-prompt")
+ESTIMATOR_ROWS = ("forward-x2", "estimator-prompt", "estimator-adapters")
 
 # Targets of the issue: (max time ratio, max memory ratio) to DPO
 TARGETS = {
@@ -402,18 +402,28 @@ def run_estimator_worker(name: str, size: Size, warmup: int, steps: int, seed: i
                     model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
             _synchronize()
 
-    elif name == "estimator-prompt":
-        try:
-            from trl_tokenpo.estimator import ContrastiveWeightEstimator, WeightEstimatorConfig
-        except ImportError:
-            # TODO(estimator): nothing to measure until trl_tokenpo.estimator.ContrastiveWeightEstimator exists
-            return {"trainer": name, "status": "todo",
-                    "reason": "trl_tokenpo.estimator.ContrastiveWeightEstimator is not available"}
+    elif name in ("estimator-prompt", "estimator-adapters"):
+        from trl_tokenpo.estimator import ContrastiveWeightEstimator, WeightEstimatorConfig
+
+        # "prompt": the base model under two system prompts (longer contexts than the floor's); "adapters": the
+        # sft/dpo methods' scoring with two LoRA adapters (random non-zero weights: scoring cost does not depend on
+        # how they were trained)
         config = WeightEstimatorConfig(
-            output_dir=workdir, method="prompt", scoring_batch_size=size.pairs, report_to="none", disable_tqdm=True,
-            use_cpu=not cuda, bf16=size.bf16 and cuda,
+            output_dir=workdir, method="prompt" if name == "estimator-prompt" else "sft", scoring_batch_size=size.pairs,
+            report_to="none", disable_tqdm=True, use_cpu=not cuda, bf16=size.bf16 and cuda,
         )
         estimator = ContrastiveWeightEstimator(model, processing_class=tokenizer, args=config)
+        if name == "estimator-adapters":
+            import copy
+
+            from peft import LoraConfig, get_peft_model
+
+            paths = []
+            for adapter in ("plus", "minus"):
+                lora = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", init_lora_weights=False)
+                get_peft_model(copy.deepcopy(model), lora).save_pretrained(os.path.join(workdir, adapter))
+                paths.append(os.path.join(workdir, adapter))
+            estimator.load_adapters(*paths)
 
         def score(i: int) -> None:
             estimator.args.cache_dir = os.path.join(workdir, f"cache-{i}")  # a cold cache on every call
