@@ -23,13 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 SIDES = ("chosen", "rejected")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models: one thread is as fast as two on an idle machine and far faster on a busy one.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def estimator_args(output_dir, **kwargs):

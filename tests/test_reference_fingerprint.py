@@ -22,12 +22,7 @@ from trl_tokenpo.estimator import (
 from trl_tokenpo.estimator.estimator import REF_COLUMNS, REF_FINGERPRINT_COLUMN
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def lora(**kwargs):

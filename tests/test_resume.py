@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import cpu_args, preference_rows
 from datasets import Dataset
-from transformers import TrainerCallback
+from test_tdpo import StopAt
 
 from trl_tokenpo import TDPOConfig, TDPOTrainer, TISDPOConfig, TISDPOTrainer
 from trl_tokenpo.data import tokenize_preference_dataset
@@ -21,15 +21,6 @@ from trl_tokenpo.data import tokenize_preference_dataset
 MAX_STEPS, STOP = 6, 3
 # Entries of the log history that measure wall-clock time, not training
 TIMING_KEYS = {"train_runtime", "train_samples_per_second", "train_steps_per_second", "total_flos", "train_loss"}
-
-
-class StopAfter(TrainerCallback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step >= self.step:
-            control.should_training_stop = True
 
 
 def make(method, model_dir, tokenizer, out, **overrides):
@@ -59,7 +50,7 @@ def test_resume_gives_the_same_parameters_and_metrics(tmp_path, tiny_model_dir, 
     straight.train()
 
     interrupted = make(method, tiny_model_dir, tokenizer, tmp_path / "resumed")
-    interrupted.add_callback(StopAfter(STOP))
+    interrupted.add_callback(StopAt(STOP))
     interrupted.train()
     assert interrupted.state.global_step == STOP
     resumed = make(method, tiny_model_dir, tokenizer, tmp_path / "resumed")
