@@ -63,3 +63,25 @@ def test_train_tdpo_builtin(tmp_path, task_cache):
     stdout = run_script("train_tdpo.py", "--output_dir", str(tmp_path / "tdpo"), "--task_cache_dir", task_cache, *REDUCED, cwd=tmp_path)
     rows = report_rows(stdout)
     assert rows["after"][0] > rows["before"][0], rows
+
+
+@pytest.mark.slow
+def test_estimate_weights_then_train_tisdpo_on_its_output(tmp_path, task_cache):
+    """The documented two-step flow: scripts/estimate_weights.py writes a weighted dataset, scripts/train_tisdpo.py
+    trains on it with --weights_method given, on a saved local model and dataset."""
+    from trl_tokenpo.synthetic import SyntheticTaskConfig, build_task
+
+    task = build_task(SyntheticTaskConfig(num_train_pairs=64, num_eval_pairs=16), cache_dir=task_cache)
+    model, weights = task.model.name_or_path, tmp_path / "weights"
+    run_script(
+        "estimate_weights.py", "--model_name_or_path", model, "--dataset_name", f"{model}/train_dataset",
+        "--method", "sft", "--learning_rate", "3e-3", "--num_train_epochs", "1", "--use_cpu", "--output_dir", str(weights),
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert (weights / "weighted_dataset").is_dir() and (weights / "token_rewards.html").is_file()
+    run_script(
+        "train_tisdpo.py", "--model_name_or_path", model, "--dataset_name", str(weights / "weighted_dataset"),
+        "--weights_method", "given", "--max_steps", "3", "--output_dir", str(tmp_path / "tis"), "--report_to", "none",
+        "--gradient_checkpointing", "false", cwd=tmp_path,
+    )  # fmt: skip
+    assert (tmp_path / "tis" / "model.safetensors").exists()
