@@ -327,11 +327,34 @@ class TokenLevelDPOTrainer(DPOTrainer):
             return use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
         return contextlib.nullcontext()
 
+    @staticmethod
+    def _model_inputs(inputs) -> tuple[dict, torch.Tensor]:
+        """The model's keyword arguments from a batch (our own keys stripped: the model's `**kwargs` would swallow
+        them) and the labels, `-100` outside the completion, as DPOTrainer builds them."""
+        model_kwargs = {k: v for k, v in inputs.items() if k not in NON_MODEL_KEYS}
+        model_kwargs["use_cache"] = False
+        labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
+        return model_kwargs, labels
+
+    def _reference_forward(self, ref_model, model_kwargs, **kwargs):
+        """Call the reference without gradient (PEFT: adapters disabled), as DPOTrainer does. The reference returns no
+        MoE router logits, and gradient checkpointing is off for its no-grad forward."""
+        ref_kwargs = {k: v for k, v in model_kwargs.items() if k != "output_router_logits"}
+        with (
+            torch.no_grad(),
+            disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
+            self._reference_context(),
+        ):
+            return ref_model(**ref_kwargs, **kwargs)
+
+    def _ld_weights(self, mask: torch.Tensor) -> torch.Tensor:
+        """`(2B, T-1)` LD-DPO multipliers of the log-ratio (`ld_alpha`), or `mask` itself without LD-DPO."""
+        return losses.length_desensitized_weights(mask, self.ld_alpha) if self.ld_alpha is not None else mask
+
     def _per_token_stats(self, model, inputs, model_kwargs, labels, need_log_sum_sq: bool) -> PerTokenStats:
         """Run the reference (no gradient) and the policy and return their per-token statistics."""
         seq_len = labels.size(1) - 1
         ref_model = self.ref_model if self.ref_model is not None else self.model
-        ref_kwargs = {k: v for k, v in model_kwargs.items() if k != "output_router_logits"}
         kl_outputs = self._kl_outputs
 
         if not kl_outputs:
@@ -350,12 +373,7 @@ class TokenLevelDPOTrainer(DPOTrainer):
 
         # Token-level path: the reference returns its last hidden states (no LM head), the policy's forward projects
         # both heads in tiles and returns every statistic in one pass
-        with (
-            torch.no_grad(),
-            disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
-            self._reference_context(),
-        ):
-            reference = ref_model(**ref_kwargs, token_stats=TokenStatsRequest(labels=labels))
+        reference = self._reference_forward(ref_model, model_kwargs, token_stats=TokenStatsRequest(labels=labels))
         requested = kl_outputs + METRIC_OUTPUTS + (("log_sum_sq_probs",) if need_log_sum_sq else ())
         outputs = model(**model_kwargs, token_stats=TokenStatsRequest(labels=labels, reference=reference, outputs=requested))
         return PerTokenStats(
@@ -389,13 +407,8 @@ class TokenLevelDPOTrainer(DPOTrainer):
     def _reference_token_logps(self, ref_model, model_kwargs, labels) -> torch.Tensor:
         """`(2B, T-1)` reference label log-probabilities through TRL's fused LM head (no gradient; PEFT: adapters
         disabled), exactly as DPOTrainer computes them."""
-        ref_kwargs = {k: v for k, v in model_kwargs.items() if k != "output_router_logits"}
-        with (
-            torch.no_grad(),
-            disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
-            self._reference_context(),
-        ):
-            return ref_model(**ref_kwargs, labels=labels, fused_lm_head=True).log_probs[:, -(labels.size(1) - 1) :]
+        outputs = self._reference_forward(ref_model, model_kwargs, labels=labels, fused_lm_head=True)
+        return outputs.log_probs[:, -(labels.size(1) - 1) :]
 
     @staticmethod
     def _precomputed_ref_sums(inputs) -> torch.Tensor:
@@ -405,16 +418,13 @@ class TokenLevelDPOTrainer(DPOTrainer):
 
     def _compute_loss(self, model, inputs, return_outputs):
         mode = "train" if self.model.training else "eval"
-        model_kwargs = {k: v for k, v in inputs.items() if k not in NON_MODEL_KEYS}
-        model_kwargs["use_cache"] = False
+        model_kwargs, labels = self._model_inputs(inputs)
         if self.aux_loss_enabled:
             model_kwargs["output_router_logits"] = True
-        completion_mask = inputs["completion_mask"]
-        mask = completion_mask[..., 1:].to(torch.float32)
-        labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
+        mask = inputs["completion_mask"][..., 1:].to(torch.float32)
 
         stats = self._per_token_stats(model, inputs, model_kwargs, labels, need_log_sum_sq=self.use_weighting)
-        ld_weights = losses.length_desensitized_weights(mask, self.ld_alpha) if self.ld_alpha is not None else mask
+        ld_weights = self._ld_weights(mask)
 
         # Sequence log-probabilities as DPOTrainer computes them (LD-DPO weighting included)
         policy_logps = losses.masked_sum(stats.policy_logps, mask, ld_weights)

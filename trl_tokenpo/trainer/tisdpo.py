@@ -16,7 +16,7 @@ from trl import DPOConfig
 from .. import losses
 from ..data import DataCollatorForTokenPreference, TokenColumn, TokenColumnError, validate_token_columns
 from ..weights import WEIGHT_TRANSFORMS, WeightTransform
-from .base import NON_MODEL_KEYS, Objective, TokenLevelDPOTrainer
+from .base import Objective, TokenLevelDPOTrainer
 
 
 logger = get_logger(__name__)
@@ -260,25 +260,14 @@ class TISDPOTrainer(TokenLevelDPOTrainer):
 
         self._check_ref_logps_source(dataset, name, reference_fingerprint)
         validate_token_columns(dataset, name, *REF_LOGPS_COLUMNS, allow_negative=True, hint="")
-        collator = DataCollatorForTokenPreference(
-            pad_token_id=self.data_collator.pad_token_id,
-            max_length=self.data_collator.max_length,
-            truncation_mode=self.data_collator.truncation_mode,
-            token_columns=[self._token_column(), TokenColumn("ref_token_logps", *REF_LOGPS_COLUMNS)],
+        collator = dataclasses.replace(
+            self.data_collator, token_columns=[self._token_column(), TokenColumn("ref_token_logps", *REF_LOGPS_COLUMNS)]
         )
         columns = ["prompt_ids", "chosen_ids", "rejected_ids", *self._token_source, *REF_LOGPS_COLUMNS]
         chosen, rejected = [], []
         for start in range(0, len(dataset), batch_size):
             batch = collator(dataset.select_columns(columns).select(range(start, min(start + batch_size, len(dataset)))))
-            mask = batch["completion_mask"][:, 1:].to(torch.float32)
-            ld_weights = losses.length_desensitized_weights(mask, self.ld_alpha) if self.ld_alpha is not None else mask
-            token_logps = batch["ref_token_logps"][:, 1:]
-            weights = batch["token_weights"][:, 1:]
-            sums = torch.stack(
-                [losses.masked_sum(token_logps, mask, ld_weights), losses.masked_sum(token_logps, mask, weights * ld_weights)],
-                dim=-1,
-            )
-            c, r = sums.chunk(2, dim=0)
+            c, r = self._reference_sums(batch["ref_token_logps"][:, 1:], batch)
             chosen.extend(c.tolist())
             rejected.extend(r.tolist())
         return dataset.add_column("ref_chosen_logps", chosen).add_column("ref_rejected_logps", rejected)
@@ -310,14 +299,15 @@ class TISDPOTrainer(TokenLevelDPOTrainer):
     def compute_ref_log_probs(self, model, inputs):
         """Reference sums of one padded batch for `precompute_ref_log_probs`: per completion, `[unweighted, weighted]`
         (the unweighted sum keeps DPOTrainer's `rewards/*` metrics; the weighted one enters the TIS-DPO margin)."""
-        completion_mask = inputs["completion_mask"]
-        mask = completion_mask[..., 1:].to(torch.float32)
-        labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
-        model_kwargs = {k: v for k, v in inputs.items() if k not in NON_MODEL_KEYS}
-        model_kwargs["use_cache"] = False
-        token_logps = self._reference_token_logps(model, model_kwargs, labels)
-        ld_weights = losses.length_desensitized_weights(mask, self.ld_alpha) if self.ld_alpha is not None else mask
-        weights = inputs["token_weights"][:, 1:].to(torch.float32)
+        model_kwargs, labels = self._model_inputs(inputs)
+        return self._reference_sums(self._reference_token_logps(model, model_kwargs, labels), inputs)
+
+    def _reference_sums(self, token_logps, batch):
+        """`(chosen, rejected)` reference sums `[unweighted, weighted]` per completion, `(B, 2)` each, from `(2B, T-1)`
+        per-token reference log-probs of a collated batch (its weights, LD-DPO and truncation applied)."""
+        mask = batch["completion_mask"][:, 1:].to(torch.float32)
+        ld_weights = self._ld_weights(mask)
+        weights = batch["token_weights"][:, 1:].to(torch.float32)
         sums = torch.stack(
             [losses.masked_sum(token_logps, mask, ld_weights), losses.masked_sum(token_logps, mask, weights * ld_weights)],
             dim=-1,
