@@ -246,3 +246,18 @@ def test_short_training_run_with_given_weights(tmp_path, tiny_model_dir, standar
     assert len(logs) == 3 and all(math.isfinite(e["loss"]) for e in logs)
     evals = [e for e in trainer.state.log_history if "eval_loss" in e]
     assert evals and "eval_weights/chosen_mean" in evals[-1]
+
+
+def test_unused_settings_are_reported(tmp_path, standard_dataset, caplog):
+    tokenizer, policy, ref = make_pair()
+    weights = with_token_columns(standard_dataset, tokenizer)
+    args = cpu_args(TISDPOConfig, tmp_path, alpha=0.9, weight_transform="rank")
+    with caplog.at_level("WARNING"):
+        TISDPOTrainer(model=policy, ref_model=ref, args=args, train_dataset=weights, processing_class=tokenizer)
+    assert "ignores `alpha`" in caplog.text
+    assert "`weight_transform` (the dataset carries ready weights" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        TISDPOTrainer(model=policy, ref_model=ref, args=cpu_args(TISDPOConfig, tmp_path), train_dataset=weights,
+                      processing_class=tokenizer)  # fmt: skip
+    assert "ignores" not in caplog.text

@@ -24,6 +24,11 @@ logger = get_logger(__name__)
 REWARD_COLUMNS = ("chosen_token_rewards", "rejected_token_rewards")
 REF_LOGPS_COLUMNS = ("chosen_ref_logps", "rejected_ref_logps")
 WEIGHT_COLUMNS = ("chosen_weights", "rejected_weights")
+# TISDPOConfig fields of the rewards-to-weights transform
+TRANSFORM_FIELDS = (
+    "weight_transform", "weight_mu", "weight_k", "weight_clamp", "rank_range", "scale_range", "scale_threshold",
+    "normalize_weights",
+)  # fmt: skip
 
 
 @dataclass
@@ -209,6 +214,18 @@ class TISDPOTrainer(TokenLevelDPOTrainer):
             scale_threshold=self.method_args["scale_threshold"],
             normalize=self.method_args["normalize_weights"],
         )
+        # Settings that the chosen options leave unused: said, not silently dropped
+        unused = []
+        if kl_term == "none" and self.method_args["alpha"] != 0.5:
+            unused.append("`alpha` (no KL term with tis_kl_term='none')")
+        if self._token_source == WEIGHT_COLUMNS:
+            defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                        for f in dataclasses.fields(TISDPOConfig)}  # fmt: skip
+            changed = [name for name in TRANSFORM_FIELDS if self.method_args[name] != defaults[name]]
+            if changed:
+                unused.append(f"{', '.join(f'`{n}`' for n in changed)} (the dataset carries ready weights, used as given)")
+        for item in unused:
+            logger.warning(f"TISDPOTrainer ignores {item}.", main_process_only=True)
 
     @property
     def _kl_outputs(self):
