@@ -46,6 +46,27 @@ NON_MODEL_KEYS = frozenset(
 )
 METRIC_OUTPUTS = ("entropy", "mean_logits", "is_top1")
 
+BF16_HELP = (
+    "Whether to use bf16 (mixed) precision instead of 32-bit. If not set: True on a bf16-capable accelerator (TRL's "
+    "default there) unless fp16 or use_cpu is set, False (float32) on CPU."
+)
+
+
+def resolve_bf16_default(config: DPOConfig) -> None:
+    """Resolve an unset `bf16` of a token-level config before `DPOConfig` does.
+
+    TRL turns an unset `bf16` into `True` (unless `fp16`), which transformers refuses on a machine without a bf16
+    accelerator, and which keeps bf16 autocast under `use_cpu=True`. Here an unset `bf16` becomes `True` exactly where
+    that default works (a bf16-capable accelerator, `use_cpu` off, `fp16` off), and `False` (float32) elsewhere. A value
+    the user sets is never changed: an explicit `bf16=True` without a bf16 device still gets transformers' error.
+    """
+    if config.bf16 is None:
+        from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
+
+        config.bf16 = bool(
+            not config.fp16 and not config.use_cpu and (is_torch_bf16_gpu_available() or is_torch_xla_available())
+        )
+
 
 @dataclass
 class PerTokenStats:

@@ -16,7 +16,7 @@ from trl import DPOConfig
 from .. import losses
 from ..data import DataCollatorForTokenPreference, TokenColumn, TokenColumnError, validate_token_columns
 from ..weights import WEIGHT_TRANSFORMS, WeightTransform
-from .base import Objective, TokenLevelDPOTrainer
+from .base import BF16_HELP, Objective, TokenLevelDPOTrainer, resolve_bf16_default
 
 
 logger = get_logger(__name__)
@@ -36,7 +36,9 @@ class TISDPOConfig(DPOConfig):
     r"""
     Configuration class for the [`TISDPOTrainer`].
 
-    Everything of [`~trl.DPOConfig`] applies (see the trainer's documentation for the few options it refuses), plus:
+    Everything of [`~trl.DPOConfig`] applies (see the trainer's documentation for the few options it refuses), except
+    that an unset `bf16` is `True` only where TRL's default works (a bf16 accelerator, no `fp16`, no `use_cpu`) and
+    `False` (float32) on CPU, so `TISDPOConfig(output_dir=...)` also runs there; a value you set is kept. Plus:
 
     Parameters:
         tis_kl_term (`str`, *optional*, defaults to `"none"`):
@@ -106,6 +108,11 @@ class TISDPOConfig(DPOConfig):
     normalize_weights: bool = field(
         default=False, metadata={"help": "Rescale each completion's rewards-derived weights to mean 1."}
     )
+    bf16: bool | None = field(default=None, metadata={"help": BF16_HELP})
+
+    def __post_init__(self):
+        resolve_bf16_default(self)
+        super().__post_init__()
 
 
 class TISDPOTrainer(TokenLevelDPOTrainer):
