@@ -10,6 +10,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from trl_tokenpo.viz import (
+    auto_vmax,
     display_token,
     examples_from_dataset,
     render_token_heatmap_html,
@@ -106,6 +107,54 @@ def test_center_for_weights():
     assert above[1] > above[0] and below[0] > below[1]
     assert value_color(float("nan")) == value_color(float("inf"))  # grey
     assert value_color(100.0, vmax=1.0) == value_color(2.0, vmax=1.0)  # clipped
+
+
+def outlier_example(n: int = 200, outlier: float = -7.0) -> dict:
+    """n rewards spread over [-1, 1] and one outlier token, as in a real map where one token scored -7."""
+    rng = random.Random(0)
+    values = [rng.uniform(-1, 1) for _ in range(n)] + [outlier]
+    return {"prompt": "p", "chosen_tokens": [f"t{i}" for i in range(n + 1)], "chosen_values": values}
+
+
+def test_default_scale_is_robust_to_one_outlier():
+    """The default vmax is the 99th percentile of |r|, not the largest: the -7 outlier saturates alone, the other
+    tokens keep readable colors; with the largest value as the scale (the old default) they are washed out."""
+    numpy = pytest.importorskip("numpy")
+    example = outlier_example()
+    values = example["chosen_values"]
+    vmax = auto_vmax([example])
+    assert vmax == pytest.approx(float(numpy.percentile(numpy.abs(values), 99)))
+    assert 0.9 < vmax < 1.01
+    assert auto_vmax([example], percentile=100) == 7.0
+    colors = [rgb for rgb, _, _ in spans(render_token_heatmap_html([example]))]
+    assert colors[-1] == "#d73027"  # the outlier: full red, saturated
+    strong = [v for v in values[:-1] if abs(v) > 0.8]
+    assert len(strong) > 10
+    for v in strong:  # strongly colored now (a channel below 100); near white with the largest |r| as the scale
+        assert min(value_color(v, vmax=vmax)) < 100
+        assert min(value_color(v, vmax=7.0)) > 200
+    washed = [rgb for rgb, _, _ in spans(render_token_heatmap_html([example], vmax=7.0))]
+    assert washed[-1] == "#d73027" and washed != colors  # an explicit vmax is used as given
+
+
+def test_legend_marks_saturated_ends():
+    page = render_token_heatmap_html([outlier_example()])
+    legend = page[page.index('<div class="legend">') : page.index("</div>", page.index('<div class="legend">'))]
+    assert "\u2264-" in legend  # the low end: values below it exist (the outlier)
+    page = render_token_heatmap_html([outlier_example()], vmax=7.0)
+    assert "\u2264" not in page[: page.index("<h2>")]
+
+
+def test_auto_vmax_matches_numpy_percentile_and_validates():
+    numpy = pytest.importorskip("numpy")
+    examples = [make_example(seed) for seed in range(4)]
+    deviations = [abs(v - 1.0) for e in examples for side in ("chosen", "rejected") for v in e[f"{side}_values"]]
+    for q in (50, 90, 99, 100):
+        assert auto_vmax(examples, center=1.0, percentile=q) == pytest.approx(float(numpy.percentile(deviations, q)))
+    assert auto_vmax([{"prompt": "p", "chosen_tokens": ["a"], "chosen_values": [0.0]}]) == 1.0
+    assert auto_vmax([{"prompt": "p", "chosen_tokens": ["a"], "chosen_values": [float("nan")]}]) == 1.0
+    with pytest.raises(ValueError, match="percentile"):
+        auto_vmax(examples, percentile=0)
 
 
 def test_display_token_markers():

@@ -16,8 +16,12 @@ A side may be left out. :func:`examples_from_dataset` builds examples from a sco
 HTML or an image (PNG/SVG/PDF through matplotlib, for docs).
 
 Colors: a diverging scale around ``center``, green above and red below, white at the center, saturated at
-``center +/- vmax`` (default: the largest ``|value - center|`` over all shown tokens, so all examples share one scale).
-Non-finite values are shown grey.
+``center +/- vmax``. All examples of a figure share one scale. By default ``vmax`` is the 99th percentile of
+``|value - center|`` over all shown tokens (:func:`auto_vmax`): a single outlier token then saturates alone instead of
+washing out every other color, and the legend marks the ends as ``<=`` / ``>=`` when some values lie beyond. Pass a
+number to fix the scale (the same one for several figures, e.g. ``auto_vmax(all_examples)``), or
+``vmax=auto_vmax(examples, percentile=100)`` for the largest value. Tooltips always give exact values. Non-finite
+values are shown grey.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 
-__all__ = ["examples_from_dataset", "render_token_heatmap_html", "save_token_heatmap"]
+__all__ = ["auto_vmax", "examples_from_dataset", "render_token_heatmap_html", "save_token_heatmap"]
 
 SIDES = ("chosen", "rejected")
 
@@ -134,16 +138,41 @@ def _sides(example: Mapping[str, Any], index: int) -> list[tuple[str, list[str],
     return sides
 
 
-def _auto_vmax(examples: Sequence[Mapping[str, Any]], center: float) -> float:
-    deviations = [
+def _deviations(examples: Sequence[Mapping[str, Any]], center: float) -> list[float]:
+    return [
         abs(v - center)
         for i, example in enumerate(examples)
         for _, _, values in _sides(example, i)
         for v in values
         if math.isfinite(v)
     ]
-    vmax = max(deviations, default=0.0)
+
+
+def auto_vmax(examples: Sequence[Mapping[str, Any]], center: float = 0.0, percentile: float = 99.0) -> float:
+    """The default color scale of a heat map: the ``percentile``-th percentile (linear interpolation, as
+    ``numpy.percentile``) of ``|value - center|`` over the finite values of all ``examples``; ``percentile=100`` is the
+    largest. Values further from ``center`` saturate. ``1.0`` when there is no non-zero deviation."""
+    if not 0.0 < percentile <= 100.0:
+        raise ValueError(f"percentile must be in (0, 100], got {percentile}")
+    deviations = sorted(_deviations(examples, center))
+    if not deviations:
+        return 1.0
+    position = (len(deviations) - 1) * percentile / 100.0
+    low = math.floor(position)
+    high = min(low + 1, len(deviations) - 1)
+    vmax = deviations[low] + (deviations[high] - deviations[low]) * (position - low)
     return vmax if vmax > 0 else 1.0
+
+
+def _scale_labels(examples: Sequence[Mapping[str, Any]], center: float, scale: float) -> tuple[str, str]:
+    """Legend labels of the two ends of the scale, marked ``<=`` / ``>=`` when some value lies beyond."""
+    values = [v for i, e in enumerate(examples) for _, _, vs in _sides(e, i) for v in vs if math.isfinite(v)]
+    low, high = _fmt_short(center - scale), _fmt_short(center + scale)
+    if any(v < center - scale for v in values):
+        low = "\u2264" + low
+    if any(v > center + scale for v in values):
+        high = "\u2265" + high
+    return low, high
 
 
 _CSS = """
@@ -181,7 +210,8 @@ def render_token_heatmap_html(
         title: page title and heading.
         value_name: what the values are ("reward", "weight"), used in the legend and the tooltips.
         center: the neutral value, drawn white (0 for rewards, 1 for weights).
-        vmax: distance from ``center`` at which colors saturate; default the largest one among the values shown.
+        vmax: distance from ``center`` at which colors saturate. Default: :func:`auto_vmax`, the 99th percentile of
+            the distances of the values shown, so that one outlier does not wash out the others.
         mark_spaces: show spaces inside tokens as middle dots.
 
     Each token is a ``<span>`` whose ``title`` (tooltip) gives the raw token and the exact value (``repr`` of the
@@ -191,7 +221,8 @@ def render_token_heatmap_html(
         ValueError: an example has no side, or a side's tokens and values differ in length.
     """
     examples = list(examples)
-    scale = float(vmax) if vmax is not None else _auto_vmax(examples, center)
+    scale = float(vmax) if vmax is not None else auto_vmax(examples, center)
+    low_label, high_label = _scale_labels(examples, center, scale)
     esc = html.escape
     page_title = title or f"Token {value_name}s"
     parts = [
@@ -202,9 +233,9 @@ def render_token_heatmap_html(
         "</head><body>",
         f"<h1>{esc(page_title)}</h1>",
         '<div class="legend">',
-        f"<span>{esc(_fmt_short(center - scale))}</span>",
+        f"<span>{esc(low_label)}</span>",
         '<span class="bar"></span>',
-        f"<span>{esc(_fmt_short(center + scale))}</span>",
+        f"<span>{esc(high_label)}</span>",
         f"<span>{esc(value_name)}: red below {esc(_fmt_short(center))}, white at {esc(_fmt_short(center))}, green "
         "above; grey: not finite. Hover a token for its exact value.</span>",
         "</div>",
@@ -315,7 +346,8 @@ def _save_image(
     from matplotlib.textpath import TextToPath
 
     del matplotlib  # only imported to give a clear error; Figure() needs no pyplot and no display
-    scale = float(vmax) if vmax is not None else _auto_vmax(examples, center)
+    scale = float(vmax) if vmax is not None else auto_vmax(examples, center)
+    low_label, high_label = _scale_labels(examples, center, scale)
 
     # Layout in points (1/72 inch), y growing downwards; every drawing operation is recorded, then drawn at once.
     mono = FontProperties(family="DejaVu Sans Mono", size=font_size)
@@ -366,11 +398,10 @@ def _save_image(
     y += font_size * 2.6
     # Color bar legend.
     bar_w, bar_h = 160.0, font_size * 1.1
-    low_label = _fmt_short(center - scale)
     ops.append(("text", margin, y + bar_h * 0.8, low_label, sans, "#111111"))
     bar_x = margin + text_width(low_label, sans) + 6
     ops.append(("bar", bar_x, y, bar_w, bar_h))
-    legend = f"{_fmt_short(center + scale)}   {value_name} (white = {_fmt_short(center)}, grey = not finite)"
+    legend = f"{high_label}   {value_name} (white = {_fmt_short(center)}, grey = not finite)"
     ops.append(("text", bar_x + bar_w + 6, y + bar_h * 0.8, legend, sans, "#111111"))
     y += bar_h + font_size * 1.5
 
