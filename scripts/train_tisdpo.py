@@ -26,27 +26,32 @@ accelerate launch scripts/train_tisdpo.py \
 
 `--weights_method given` skips the estimation when the dataset already carries `chosen_token_rewards` /
 `rejected_token_rewards` (e.g. from `scripts/estimate_weights.py`) or `chosen_weights` / `rejected_weights`.
+
+The estimator inherits from the trainer its batch size, gradient accumulation, `max_length`, seed, precision
+(`bf16`, `fp16`, `use_cpu`), gradient checkpointing and `dataset_num_proc` (`INHERITED_TRAINER_SETTINGS`); it writes to
+`<output_dir>/estimator`. `--estimator_<field>` flags (every field of `WeightEstimatorConfig`'s own and its main
+training fields, e.g. `--estimator_max_length 512`) and `--estimator_config estimator.yaml` (any of its fields) set
+the rest or override; a flag wins over the file. Adapters already in the estimator's output directory (for example
+fitted in Python) are reused only when every fit setting matches.
 """
 
+import argparse
+import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 
 
 @dataclass
-class EstimatorArguments:
-    """How the token weights are obtained (the most used `WeightEstimatorConfig` fields; `--estimator_config` takes a
-    YAML file with any of its fields for full control).
+class EstimatorScriptArguments:
+    """How the token weights are obtained; the `--estimator_*` flags (generated from `WeightEstimatorConfig`, see
+    `estimator_arguments_class`) and `--estimator_config` set the estimator itself.
 
     Parameters:
         weights_method (`str`, defaults to `"dpo"`): `"dpo"`, `"sft"` or `"prompt"` (estimator methods), or `"given"`
             (the dataset already has per-token columns).
-        estimator_learning_rate (`float`, *optional*): learning rate of the adapters (estimator default if unset).
-        estimator_num_train_epochs (`float`, *optional*): epochs per adapter (estimator default if unset).
-        estimator_beta (`float`, defaults to `0.1`): DPO temperature of the `"dpo"` method's adapters.
-        estimator_lora_r (`int`, defaults to `16`): LoRA rank of the adapters.
-        estimator_output_dir (`str`, *optional*): where adapters and the score cache go (default
-            `<output_dir>/estimator`).
-        estimator_config (`str`, *optional*): YAML file of `WeightEstimatorConfig` fields, applied over the above.
+        estimator_config (`str`, *optional*): YAML file of `WeightEstimatorConfig` fields (any of them, by their own
+            names, e.g. `max_length: 512`); `--estimator_*` flags given on the command line win over it.
         heatmap_examples (`int`, defaults to `3`): training examples drawn in the token-reward heat map.
     """
 
@@ -55,52 +60,141 @@ class EstimatorArguments:
         metadata={"help": "Token weights: 'dpo', 'sft', 'prompt' (estimated) or 'given' (dataset columns).",
                   "choices": ["dpo", "sft", "prompt", "given"]},
     )  # fmt: skip
-    estimator_learning_rate: float | None = field(default=None, metadata={"help": "Learning rate of the adapters."})
-    estimator_num_train_epochs: float | None = field(default=None, metadata={"help": "Epochs per adapter."})
-    estimator_beta: float = field(default=0.1, metadata={"help": "DPO temperature of the 'dpo' method's adapters."})
-    estimator_lora_r: int = field(default=16, metadata={"help": "LoRA rank of the adapters."})
-    estimator_output_dir: str | None = field(
-        default=None, metadata={"help": "Adapters and score cache directory (default <output_dir>/estimator)."}
-    )
     estimator_config: str | None = field(
-        default=None, metadata={"help": "YAML file of WeightEstimatorConfig fields applied over these flags."}
-    )
+        default=None,
+        metadata={"help": "YAML file of WeightEstimatorConfig fields (their own names, e.g. 'max_length: 512'); "
+                  "--estimator_* flags win over it."},
+    )  # fmt: skip
     heatmap_examples: int = field(default=3, metadata={"help": "Training examples drawn in the heat map."})
 
+
+# Trainer settings the estimator inherits, so that its adapters train and score like the policy (same batch, sequence
+# length cap, seed, precision and memory settings). The --estimator_config file and --estimator_* flags override them.
+# (`gradient_checkpointing` is TRL's name; transformers >= 5.24 calls it `activation_checkpointing`, see
+# `checkpointing_field`.)
+INHERITED_TRAINER_SETTINGS = (
+    "per_device_train_batch_size", "gradient_accumulation_steps", "max_length", "seed", "bf16", "fp16", "use_cpu",
+    "gradient_checkpointing", "dataset_num_proc", "disable_tqdm",
+)  # fmt: skip
+# TrainingArguments fields of WeightEstimatorConfig that get an --estimator_* flag, besides its own fields (every
+# other one can go in the --estimator_config file).
+ESTIMATOR_TRAINING_FLAGS = (
+    "output_dir", "learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size",
+    "gradient_accumulation_steps", "weight_decay", "lr_scheduler_type", "warmup_steps", "seed",
+    "gradient_checkpointing", "logging_steps",
+)  # fmt: skip
+FLAG_PREFIX = "estimator_"
 
 # Estimator settings of the built-in task. Its model is tiny, so the adapters need a larger learning rate than the
 # estimator's defaults (which target 0.5B+ models and leave the rewards near 0 here). SFT-based weights rather than
 # the paper's DPO-based ones: on this task the DPO-trained pair is noisy on neutral words and TIS-DPO with its weights
 # drifts further from the reference than DPO (docs/benchmarks.md, Quality), while SFT-based weights separate the good
-# and bad words best (token AUROC 0.99). Any flag still overrides these.
-BUILTIN_ESTIMATOR_DEFAULTS = dict(weights_method="sft", estimator_learning_rate=3e-3, estimator_num_train_epochs=3)
+# and bad words best (token AUROC 0.99). The estimator file and flags still override these.
+BUILTIN_ESTIMATOR_SETTINGS = dict(learning_rate=3e-3, num_train_epochs=3)
+BUILTIN_SCRIPT_DEFAULTS = dict(weights_method="sft")
 
 
-def estimator_config(est_args, training_args):
-    """The `WeightEstimatorConfig` of the estimation step, sharing precision and seed with the trainer."""
+def checkpointing_field() -> str:
+    """The estimator's name for gradient checkpointing: `activation_checkpointing` where transformers has it (5.24+,
+    where `gradient_checkpointing` is a deprecated alias), else `gradient_checkpointing`."""
+    from transformers import TrainingArguments
+
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    return "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+
+
+def estimator_arguments_class():
+    """`EstimatorScriptArguments` plus one optional `--estimator_<name>` flag per `WeightEstimatorConfig` field of its
+    own (LoRA, scoring, cache, prompts) and per field of `ESTIMATOR_TRAINING_FLAGS`. Every flag defaults to unset:
+    the estimator then takes the value from the trainer (`INHERITED_TRAINER_SETTINGS`), the estimator config file, or
+    `WeightEstimatorConfig`'s own default, in that order of precedence (lowest first: file beats trainer)."""
+    import typing
+
+    from transformers import TrainingArguments
+
+    from trl_tokenpo import WeightEstimatorConfig
+
+    training_fields = {f.name for f in dataclasses.fields(TrainingArguments)}
+    hints = typing.get_type_hints(WeightEstimatorConfig)
+    by_name = {f.name: f for f in dataclasses.fields(WeightEstimatorConfig) if f.init}
+    names = [n for n in by_name if n not in training_fields and n != "method"]
+    names += [checkpointing_field() if n == "gradient_checkpointing" else n for n in ESTIMATOR_TRAINING_FLAGS]
+    fields = []
+    for name in names:
+        f = by_name[name]  # a KeyError here means WeightEstimatorConfig lost a field this script exposes
+        metadata = dict(f.metadata)
+        text = re.sub(r"(?<!%)%(?!%)", "%%", metadata.get("help", ""))  # argparse formats help strings with %
+        if name == checkpointing_field():
+            text = "Gradient (activation) checkpointing of the adapter training. Unset: the trainer's setting."
+        elif name in INHERITED_TRAINER_SETTINGS:
+            text += f" Unset: the trainer's --{name}."
+        elif name == "output_dir":
+            text = "Adapters and score cache directory. Unset: <output_dir>/estimator."
+        elif f.default not in (None, dataclasses.MISSING):
+            text += f" Unset: {f.default}."
+        metadata["help"] = text
+        annotation = hints[name]
+        if type(None) not in typing.get_args(annotation):
+            annotation = annotation | None
+        fields.append((FLAG_PREFIX + name, annotation, field(default=None, metadata=metadata)))
+    cls = dataclasses.make_dataclass("EstimatorArguments", fields, bases=(EstimatorScriptArguments,))
+    cls.__doc__ = estimator_arguments_class.__doc__
+    return cls
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """TRL's help format, without "(default: None)" after the `--estimator_*` flags: their help says what unset means."""
+
+    def _get_help_string(self, action):
+        if action.dest.startswith(FLAG_PREFIX) and action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def estimator_flags(est_args) -> dict:
+    """The `--estimator_*` flags that were set, by their `WeightEstimatorConfig` names."""
+    return {
+        f.name.removeprefix(FLAG_PREFIX): getattr(est_args, f.name)
+        for f in dataclasses.fields(est_args)
+        if f.name.startswith(FLAG_PREFIX) and f.name != "estimator_config" and getattr(est_args, f.name) is not None
+    }
+
+
+def estimator_config(est_args, training_args, builtin: bool = False):
+    """The `WeightEstimatorConfig` of the estimation step. Each field comes from, lowest precedence first: the trainer
+    (`INHERITED_TRAINER_SETTINGS`; `output_dir` becomes `<output_dir>/estimator`, reporting is off), the built-in task's
+    settings (built-in task only), the `--estimator_config` file, the `--estimator_*` flags. Anything else keeps
+    `WeightEstimatorConfig`'s default."""
     import yaml
 
     from trl_tokenpo import WeightEstimatorConfig
 
-    kwargs = dict(
-        output_dir=est_args.estimator_output_dir or os.path.join(training_args.output_dir, "estimator"),
-        method=est_args.weights_method,
-        beta=est_args.estimator_beta,
-        lora_r=est_args.estimator_lora_r,
-        lora_alpha=2 * est_args.estimator_lora_r,
-        learning_rate=est_args.estimator_learning_rate,
-        num_train_epochs=est_args.estimator_num_train_epochs,
-        per_device_train_batch_size=training_args.per_device_train_batch_size,
-        use_cpu=training_args.use_cpu,
-        bf16=training_args.bf16,
-        seed=training_args.seed,
-        report_to="none",
-        disable_tqdm=training_args.disable_tqdm,
-    )
+    kwargs = {name: getattr(training_args, name) for name in INHERITED_TRAINER_SETTINGS}
+    kwargs[checkpointing_field()] = kwargs.pop("gradient_checkpointing")
+    kwargs.update(output_dir=os.path.join(training_args.output_dir, "estimator"), report_to="none")
+    if builtin:
+        kwargs.update(BUILTIN_ESTIMATOR_SETTINGS)
     if est_args.estimator_config:
         with open(est_args.estimator_config) as f:
-            kwargs.update(yaml.safe_load(f) or {})
-    return WeightEstimatorConfig(**kwargs)
+            from_file = yaml.safe_load(f) or {}
+        if not isinstance(from_file, dict):
+            raise ValueError(f"--estimator_config {est_args.estimator_config}: expected a mapping of field: value.")
+        method = from_file.pop("method", est_args.weights_method)
+        if method != est_args.weights_method:
+            raise ValueError(
+                f"--estimator_config {est_args.estimator_config} sets method: {method}, but --weights_method is "
+                f"{est_args.weights_method!r}: choose the method with --weights_method only."
+            )
+        if "gradient_checkpointing" in from_file:  # TRL's name; the new one wins in transformers >= 5.24
+            from_file.setdefault(checkpointing_field(), from_file.pop("gradient_checkpointing"))
+        unknown = sorted(set(from_file) - {f.name for f in dataclasses.fields(WeightEstimatorConfig) if f.init})
+        if unknown:
+            raise ValueError(
+                f"--estimator_config {est_args.estimator_config}: {unknown} are not WeightEstimatorConfig fields."
+            )
+        kwargs.update(from_file)
+    kwargs.update(estimator_flags(est_args))
+    return WeightEstimatorConfig(method=est_args.weights_method, **kwargs)
 
 
 def main(script_args, training_args, model_args, dataset_args, task_args, est_args, builtin):
@@ -111,6 +205,13 @@ def main(script_args, training_args, model_args, dataset_args, task_args, est_ar
     from trl_tokenpo.cli import load_model_and_data, train_and_report
     from trl_tokenpo.viz import examples_from_dataset, save_token_heatmap
 
+    if est_args.weights_method == "given" and (est_args.estimator_config or estimator_flags(est_args)):
+        unused = ["--estimator_config"] * bool(est_args.estimator_config)
+        unused += [f"--{FLAG_PREFIX}{name}" for name in estimator_flags(est_args)]
+        raise ValueError(
+            f"{', '.join(unused)} configure the estimator, which --weights_method given does not run: drop them, or "
+            "choose an estimation method (dpo, sft, prompt)."
+        )
     task, model, train_dataset, eval_dataset = load_model_and_data(
         script_args, training_args, model_args, dataset_args, task_args, builtin
     )
@@ -121,7 +222,7 @@ def main(script_args, training_args, model_args, dataset_args, task_args, est_ar
         if get_quantization_config(model_args) is not None:
             init_kwargs["quantization_config"] = get_quantization_config(model_args)
         estimator = ContrastiveWeightEstimator(
-            create_model_from_path(model, **init_kwargs), args=estimator_config(est_args, training_args)
+            create_model_from_path(model, **init_kwargs), args=estimator_config(est_args, training_args, builtin)
         )
         estimator.fit(train_dataset)
         train_dataset = estimator.score(train_dataset)
@@ -162,8 +263,9 @@ def make_parser(prog=None):
     from trl_tokenpo.cli import BuiltinTaskArguments
 
     return TrlParser(
-        (ScriptArguments, TISDPOConfig, ModelConfig, DatasetMixtureConfig, BuiltinTaskArguments, EstimatorArguments),
+        (ScriptArguments, TISDPOConfig, ModelConfig, DatasetMixtureConfig, BuiltinTaskArguments, estimator_arguments_class()),
         prog=prog,
+        formatter_class=HelpFormatter,
     )
 
 
@@ -171,8 +273,7 @@ if __name__ == "__main__":
     from trl_tokenpo.cli import apply_parser_defaults
 
     parser = make_parser()
-    builtin = apply_parser_defaults(parser)
-    if builtin:
-        parser.set_defaults(**BUILTIN_ESTIMATOR_DEFAULTS)
+    builtin_notes = {FLAG_PREFIX + name: value for name, value in BUILTIN_ESTIMATOR_SETTINGS.items()}
+    builtin = apply_parser_defaults(parser, builtin_defaults=BUILTIN_SCRIPT_DEFAULTS, builtin_notes=builtin_notes)
     args = parser.parse_args_and_config(fail_with_unknown_args=False)
     main(*args[:6], builtin=builtin)

@@ -1,5 +1,7 @@
-"""The training scripts end to end on the built-in task (reduced size), in subprocesses as a user runs them."""
+"""The training scripts end to end: on the built-in task (reduced size) in subprocesses as a user runs them, and on a
+saved tiny model with a data file."""
 
+import json
 import os
 import re
 import subprocess
@@ -85,3 +87,57 @@ def test_estimate_weights_then_train_tisdpo_on_its_output(tmp_path, task_cache):
         "--gradient_checkpointing", "false", cwd=tmp_path,
     )  # fmt: skip
     assert (tmp_path / "tis" / "model.safetensors").exists()
+
+
+def adapter_files(directory):
+    """{path: modification time} of every saved adapter under `directory` (whatever the estimator's layout)."""
+    return {str(p): p.stat().st_mtime_ns for p in Path(directory).rglob("adapter_model.safetensors")}
+
+
+def run_main(script, *args):
+    """Run a script's __main__ block in this process (cheaper than a subprocess; the same code path)."""
+    import runpy
+
+    argv = sys.argv
+    sys.argv = [str(ROOT / "scripts" / script), *map(str, args)]
+    try:
+        runpy.run_path(str(ROOT / "scripts" / script), run_name="__main__")
+    finally:
+        sys.argv = argv
+
+
+@pytest.mark.slow
+def test_train_tisdpo_reuses_adapters_fitted_in_python(tmp_path, tiny_model_dir, one_thread):
+    """Adapters fitted in Python are reused by scripts/train_tisdpo.py when its --estimator_* flags give the same fit
+    settings (here max_length, which the script otherwise takes from the trainer), on a .jsonl file as the dataset."""
+    from conftest import preference_rows
+    from datasets import load_dataset
+
+    from trl_tokenpo import ContrastiveWeightEstimator, WeightEstimatorConfig
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in preference_rows(8)))
+    estimator_dir = tmp_path / "weights"
+    config = WeightEstimatorConfig(
+        output_dir=str(estimator_dir), method="sft", max_length=48, max_steps=1, use_cpu=True, report_to="none",
+        disable_tqdm=True,
+    )  # fmt: skip
+    ContrastiveWeightEstimator(tiny_model_dir, args=config).fit(load_dataset("json", data_files=str(data), split="train"))
+    fitted = adapter_files(estimator_dir)
+    assert len(fitted) == 2  # plus and minus
+
+    common = [
+        "--model_name_or_path", tiny_model_dir, "--dataset_name", data, "--weights_method", "sft",
+        "--estimator_output_dir", estimator_dir, "--estimator_max_steps", "1", "--max_steps", "1",
+        "--report_to", "none", "--heatmap_examples", "0", "--disable_tqdm", "true",
+    ]  # fmt: skip
+    run_main(
+        "train_tisdpo.py", *common, "--estimator_max_length", "48", "--gradient_checkpointing", "false",
+        "--output_dir", tmp_path / "reused",
+    )  # fmt: skip
+    assert adapter_files(estimator_dir) == fitted  # nothing retrained, nothing rewritten
+    assert (tmp_path / "reused" / "model.safetensors").exists()
+    # without the flag the estimator takes the trainer's max_length (1024): another fit (with the trainer's default
+    # gradient checkpointing, which the estimator inherits too)
+    run_main("train_tisdpo.py", *common, "--output_dir", tmp_path / "refit")
+    assert len(adapter_files(estimator_dir)) == 4

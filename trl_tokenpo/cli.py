@@ -10,8 +10,6 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-import torch
-
 
 @dataclass
 class BuiltinTaskArguments:
@@ -62,21 +60,47 @@ def uses_builtin_task(argv: list[str] | None = None) -> bool:
     return not any(arg == name or arg.startswith(name + "=") for arg in argv for name in names)
 
 
-def cpu_defaults() -> dict:
-    """TRL's configs default to bf16, which fails on a machine without an accelerator: default to float32 there."""
-    if torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available()):
-        return {}
-    return {"bf16": False}
+def help_requested(argv: list[str] | None = None) -> bool:
+    """True when the command line asks for `--help`."""
+    argv = sys.argv[1:] if argv is None else argv
+    return any(arg in ("-h", "--help") for arg in argv)
 
 
-def apply_parser_defaults(parser, argv: list[str] | None = None) -> bool:
-    """Set the CPU defaults, and the built-in task's training defaults when no model or dataset is named. Returns
-    whether the built-in task is used."""
+def _format_default(value) -> str:
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def describe_builtin_defaults(parser, builtin_defaults: dict) -> None:
+    """Say in the parser's `--help` which defaults the built-in task changes: each such flag's help gets
+    `[built-in task: VALUE]` next to the default of a run on your model and data, and the epilog lists them all."""
+    for action in parser._actions:
+        if action.dest in builtin_defaults and any(o.startswith(f"--{action.dest}") for o in action.option_strings):
+            note = f"[built-in task: {_format_default(builtin_defaults[action.dest])}]"
+            action.help = f"{action.help} {note}" if action.help else note
+    changed = ", ".join(f"{name}={_format_default(value)}" for name, value in builtin_defaults.items())
+    parser.epilog = (
+        "The defaults shown are those of a run on your model and data. Without --model_name_or_path and "
+        f"--dataset_name (and without --config) the script runs the built-in task, which changes these defaults: {changed}. "
+        "A flag given on the command line or in --config always wins."
+    )
+
+
+def apply_parser_defaults(
+    parser, argv: list[str] | None = None, builtin_defaults: dict | None = None, builtin_notes: dict | None = None
+) -> bool:
+    """Prepare a training script's parser and return whether the built-in task is used.
+
+    The built-in task's defaults (`BUILTIN_TRAINING_DEFAULTS`, updated with the script's own `builtin_defaults`) are
+    set only when the command line names no model and no dataset and does not ask for `--help`: `--help` always shows
+    the defaults of a run on your model and data, with the built-in task's value noted on each flag it changes.
+    `builtin_notes` are built-in task values the script applies itself after parsing: they are only shown in `--help`.
+    """
+    argv = sys.argv[1:] if argv is None else argv
+    defaults = {**BUILTIN_TRAINING_DEFAULTS, **(builtin_defaults or {})}
+    describe_builtin_defaults(parser, {**defaults, **(builtin_notes or {})})
     builtin = uses_builtin_task(argv)
-    defaults = cpu_defaults()
-    if builtin:
-        defaults = {**BUILTIN_TRAINING_DEFAULTS, **defaults}
-    parser.set_defaults(**defaults)
+    if builtin and not help_requested(argv):
+        parser.set_defaults(**defaults)
     return builtin
 
 
@@ -93,30 +117,86 @@ def model_init_kwargs(model_args, training_args) -> dict:
     return kwargs
 
 
+# Data files `--dataset_name` (and `--dataset_test_split`) may name directly, by extension, and the `datasets` builder
+# that reads each; a compressed file (`train.jsonl.gz`) is read by the same builder.
+DATA_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+_COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
+
+
+def data_file_builder(path: str | None) -> str | None:
+    """The `datasets` builder ("json", "parquet", "csv") of a data file path, or `None` when `path` does not name one
+    of the `DATA_FILE_BUILDERS` extensions (it is then a hub id, a dataset directory or a split name)."""
+    if not path:
+        return None
+    name = path.lower()
+    for compression in _COMPRESSIONS:
+        name = name.removesuffix(compression)
+    return DATA_FILE_BUILDERS.get(os.path.splitext(name)[1])
+
+
+def _load_data_file(path: str, flag: str, streaming: bool):
+    """One split from one data file; a clear error when it is missing."""
+    from datasets import load_dataset
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"{flag} {path}: no such file. A data file must exist locally ({', '.join(DATA_FILE_BUILDERS)}, optionally "
+            "compressed); otherwise pass a hub dataset id or a dataset directory."
+        )
+    return load_dataset(data_file_builder(path), data_files=path, split="train", streaming=streaming)
+
+
 def load_user_datasets(script_args, dataset_args, with_eval: bool):
-    """Load `--dataset_name` (hub id, local dataset directory or a `save_to_disk` folder) like TRL's scripts."""
+    """The training split and, when `with_eval`, the evaluation split of `--dataset_name` (or `--datasets`).
+
+    `--dataset_name` is a hub id, a local dataset directory (data files in it, or a `save_to_disk` folder), or a single
+    data file (`.json`, `.jsonl`, `.parquet`, `.csv`, optionally `.gz`/`.bz2`/`.xz`/`.zst` compressed), which is the
+    training data whatever `--dataset_train_split` says. `--dataset_test_split` names the evaluation split of the
+    dataset, or an evaluation data file. A split that is asked for and missing is an error naming the splits there
+    are, never a silent run without evaluation.
+    """
     from datasets import DatasetDict, load_dataset, load_from_disk
     from trl import get_dataset
 
+    name, streaming = script_args.dataset_name, script_args.dataset_streaming
+    train_split, test_split = script_args.dataset_train_split, script_args.dataset_test_split
+    eval_file = with_eval and data_file_builder(test_split) is not None
     if dataset_args is not None and dataset_args.datasets:
         dataset = get_dataset(dataset_args)
-    elif script_args.dataset_name is None:
+    elif name is None:
         raise ValueError("`--dataset_name` is required with `--model_name_or_path` (or omit both for the built-in task).")
-    elif os.path.isdir(script_args.dataset_name) and os.path.exists(
-        os.path.join(script_args.dataset_name, "dataset_dict.json")
-    ):
-        dataset = load_from_disk(script_args.dataset_name)
-    elif os.path.isdir(script_args.dataset_name) and os.path.exists(
-        os.path.join(script_args.dataset_name, "dataset_info.json")
-    ):
-        dataset = DatasetDict({script_args.dataset_train_split: load_from_disk(script_args.dataset_name)})
+    elif data_file_builder(name) is not None and not os.path.isdir(name):
+        train = _load_data_file(name, "--dataset_name", streaming)
+        if with_eval and not eval_file:
+            raise ValueError(
+                f"--dataset_name {name} is a single file: it has no {test_split!r} split to evaluate on, and evaluation "
+                "is on (--eval_strategy). Pass the evaluation data with --dataset_test_split path/to/eval.jsonl, or "
+                "a directory holding train and test files as --dataset_name, or set --eval_strategy no."
+            )
+        return train, _load_data_file(test_split, "--dataset_test_split", streaming) if eval_file else None
+    elif os.path.isdir(name) and os.path.exists(os.path.join(name, "dataset_dict.json")):
+        dataset = load_from_disk(name)
+    elif os.path.isdir(name) and os.path.exists(os.path.join(name, "dataset_info.json")):
+        dataset = DatasetDict({train_split: load_from_disk(name)})
     else:
-        dataset = load_dataset(
-            script_args.dataset_name, name=script_args.dataset_config, streaming=script_args.dataset_streaming
+        dataset = load_dataset(name, name=script_args.dataset_config, streaming=streaming)
+    source = f"--dataset_name {name}" if name is not None else "--datasets"
+    if train_split not in dataset:
+        raise ValueError(
+            f"{source} has no {train_split!r} split (it has {sorted(dataset)}): choose one with --dataset_train_split."
         )
-    train = dataset[script_args.dataset_train_split]
-    evaluation = dataset.get(script_args.dataset_test_split) if with_eval else None
-    return train, evaluation
+    evaluation = None
+    if eval_file:
+        evaluation = _load_data_file(test_split, "--dataset_test_split", streaming)
+    elif with_eval:
+        if test_split not in dataset:
+            raise ValueError(
+                f"{source} has no {test_split!r} split to evaluate on (it has {sorted(dataset)}), and evaluation is on "
+                "(--eval_strategy). Choose a split with --dataset_test_split (or give an evaluation data file there), "
+                "or set --eval_strategy no."
+            )
+        evaluation = dataset[test_split]
+    return dataset[train_split], evaluation
 
 
 def builtin_task(task_args):
