@@ -1,7 +1,10 @@
 """Keep the docs true: every script command in README.md and docs/*.md parses with that script's own parser, every
-file a command names exists, and the README's first code block holds exactly the two commands CI relies on."""
+file a command names exists, every relative link and image points at a file (and heading) that exists, the Python
+snippets marked as tested run (on a tiny local model), and the README's first code block holds exactly the two
+commands CI relies on."""
 
 import importlib.util
+import math
 import re
 import shlex
 import sys
@@ -72,3 +75,90 @@ def test_documented_command_parses(launcher, script, args, tmp_path):
         args += ["--output_dir", str(tmp_path)]
     parsed = parser.parse_args_into_dataclasses(args=args + ["--use_cpu", "true", "--bf16", "false"], return_remaining_strings=True)
     assert parsed[-1] == [], f"unknown flags in the docs: {parsed[-1]}"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Links and images
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def heading_anchors(path):
+    """GitHub's anchors of a markdown file's headings: lower case, punctuation but `-` and `_` dropped, spaces to `-`."""
+    text = re.sub(r"```.*?```", "", path.read_text(), flags=re.S)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in re.findall(r"^#+ (.*)$", text, re.M)}
+
+
+def relative_links():
+    for path in DOCS:
+        text = re.sub(r"```.*?```", "", path.read_text(), flags=re.S)
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if not re.match(r"[a-z]+:", target):
+                yield pytest.param(path, target, id=f"{path.name}:{target}")
+
+
+@pytest.mark.parametrize("path, target", list(relative_links()))
+def test_relative_link_exists(path, target):
+    file, _, anchor = target.partition("#")
+    linked = (path.parent / file).resolve() if file else path
+    assert linked.exists(), f"{path.name} links to {target}, which does not exist"
+    if anchor and linked.suffix == ".md":
+        assert anchor in heading_anchors(linked), f"{path.name} links to {target}: no such heading"
+
+
+def test_link_check_sees_images():
+    """The check above covers images: the estimator page's heat map is one of its targets."""
+    targets = [param.values[1] for param in relative_links() if param.values[0].name == "estimator.md"]
+    assert "images/estimator_heatmap.png" in targets
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Python snippets
+# ----------------------------------------------------------------------------------------------------------------------
+
+TESTED_MARK = "<!-- tested: tests/test_docs.py"
+# What a tested snippet downloads, and its offline stand-in here
+SNIPPET_MODEL = '"HuggingFaceTB/SmolLM2-135M-Instruct"'
+SNIPPET_DATASET = 'load_dataset("trl-lib/ultrafeedback_binarized", split="train[:32]")'
+
+
+def marked_snippets(path):
+    return re.findall(re.escape(TESTED_MARK) + r"[^\n]*-->\n```python\n(.*?)```", path.read_text(), flags=re.S)
+
+
+def test_readme_and_quickstart_show_a_tested_cpu_snippet():
+    for path in (ROOT / "README.md", ROOT / "docs" / "quickstart.md"):
+        assert marked_snippets(path), f"{path.name} has no Python snippet marked {TESTED_MARK!r}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "snippet", sorted({s for path in DOCS for s in marked_snippets(path)}), ids=lambda s: f"snippet{len(s)}"
+)
+def test_tested_snippet_runs_on_cpu(snippet, tiny_model_dir, tmp_path, monkeypatch, one_thread):
+    """The snippet as printed, with the hub model and dataset swapped for a tiny local model and 8 conversational
+    pairs; it must train: every step run with a finite loss, the LoRA adapters moved, rewards estimated per token."""
+    from conftest import preference_rows
+    from datasets import Dataset
+    from transformers.utils import is_torch_bf16_gpu_available
+
+    assert snippet.count(SNIPPET_MODEL) == 1 and snippet.count(SNIPPET_DATASET) == 1, "update the substitutions"
+    rows = [
+        {
+            "prompt": [{"role": "user", "content": r["prompt"]}],
+            "chosen": [{"role": "assistant", "content": r["chosen"].strip()}],
+            "rejected": [{"role": "assistant", "content": r["rejected"].strip()}],
+        }
+        for r in preference_rows(8)
+    ]
+    code = snippet.replace(SNIPPET_MODEL, repr(tiny_model_dir)).replace(SNIPPET_DATASET, "Dataset.from_list(rows)")
+    monkeypatch.chdir(tmp_path)
+    namespace = {"Dataset": Dataset, "rows": rows}
+    exec(compile(code, "snippet", "exec"), namespace)
+
+    trainer, weighted = namespace["trainer"], namespace["weighted"]
+    assert trainer.state.global_step == trainer.args.max_steps > 0
+    assert math.isfinite(trainer.state.log_history[-1]["train_loss"])
+    assert trainer.args.bf16 is is_torch_bf16_gpu_available()  # float32 here, as the docs say, without a setting
+    lora_b = [p for name, p in trainer.model.named_parameters() if "lora_B" in name]
+    assert lora_b and any(p.abs().sum() > 0 for p in lora_b)  # initialised at 0: non-zero means trained
+    assert len(weighted) == 8 and all(len(r) > 0 for r in weighted["chosen_token_rewards"])
