@@ -141,6 +141,12 @@ def test_estimator_flags_cover_weight_estimator_config(tisdpo):
     assert {f"estimator_{name}" for name in own - {"method"}} <= flags
 
 
+def test_a_dataset_without_a_model_is_refused(tisdpo, tmp_path):
+    builtin, args = parse(tisdpo, ["--dataset_name", "pairs.jsonl", "--output_dir", str(tmp_path)])
+    with pytest.raises(ValueError, match="--model_name_or_path` is required with `--dataset_name"):
+        tisdpo.main(*args[:6], builtin=builtin)
+
+
 def test_estimator_flags_with_given_weights_are_refused(tisdpo, tmp_path):
     builtin, args = parse(tisdpo, [*USER, "--weights_method", "given", "--estimator_max_length", "64", "--output_dir", str(tmp_path)])
     with pytest.raises(ValueError, match="--estimator_max_length configure the estimator, which --weights_method given"):

@@ -258,6 +258,10 @@ def load_model_and_data(script_args, training_args, model_args, dataset_args, ta
         eval_dataset = task.eval_dataset if training_args.eval_strategy != "no" else None
     else:
         model = model_args.model_name_or_path
+        if model is None:
+            raise ValueError(
+                "`--model_name_or_path` is required with `--dataset_name` (or omit both for the built-in task)."
+            )
         train_dataset, eval_dataset = load_user_datasets(script_args, dataset_args, training_args.eval_strategy != "no")
     training_args.model_init_kwargs = model_init_kwargs(model_args, training_args)
     return task, model, train_dataset, eval_dataset
