@@ -76,7 +76,7 @@ class TokenStatsFunction(torch.autograd.Function):
     ``[N, H_ref]``, ``ref_weight`` ``[V, H_ref]``, ``ref_bias`` ``[V] | None``, ``labels`` ``[N]`` (int64, all valid),
     ``policy_logit_scale``, ``policy_softcap``, ``ref_logit_scale``, ``ref_softcap`` (float / float | None),
     ``outputs`` (tuple of names from :data:`~trl_tokenpo.kernels.OPTIONAL_OUTPUTS`), ``tile_elements`` (int or
-    ``None`` for the backend's default), ``backend`` (``"torch"`` or ``"triton"``, already resolved).
+    ``None`` for the backend's default), ``backend`` (``"torch"``, the default, or ``"triton"``; not ``"auto"``).
 
     Outputs: the eight ``[N]`` per-token fields of :class:`~trl_tokenpo.kernels.TokenStats`, in order
     (``policy_logps``, ``ref_logps``, ``forward_kl``, ``reverse_kl``, ``entropy``, ``mean_logits``, ``is_top1``,
@@ -110,7 +110,7 @@ class TokenStatsFunction(torch.autograd.Function):
         ref_softcap: float | None,
         outputs: tuple[str, ...],
         tile_elements: int | None,
-        backend: str,
+        backend: str = "torch",
     ):
         # Gradients of unused differentiable outputs arrive as None instead of zero tensors
         ctx.set_materialize_grads(False)
@@ -171,7 +171,8 @@ class TokenStatsFunction(torch.autograd.Function):
             saved_rkl,
         ) = ctx.saved_tensors
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
-        no_grads = (None,) * 14
+        # One entry per input of `forward` (`backend` may have been left to its default)
+        no_grads = (None,) * len(ctx.needs_input_grad)
         if grad_logps is None and grad_fkl is None and grad_rkl is None:
             return no_grads
         if not (need_hidden or need_weight or need_bias):
@@ -212,7 +213,7 @@ class TokenStatsFunction(torch.autograd.Function):
             None if grad_hidden is None else grad_hidden.to(policy_hidden.dtype),
             None if grad_weight is None else grad_weight.to(policy_weight.dtype),
             None if grad_bias is None else grad_bias.to(policy_bias.dtype),
-        ) + (None,) * 11
+        ) + no_grads[3:]
 
 
 def fused_token_stats(
