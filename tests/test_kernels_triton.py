@@ -7,6 +7,9 @@ vocabulary chunks that end mid-way (29 = 12 + 12 + 5 columns) and column blocks 
 """
 
 import copy
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -254,3 +257,32 @@ def test_dense_reference_of_the_model_patch_cases(one_block_per_row):
     expected = dense_from_logits(z_pol[mask], z_ref[mask], labels[:, 1:][mask])
     for name in ("policy_logps", "ref_logps", "forward_kl", "reverse_kl"):
         assert_close(getattr(out, name)[mask], expected[name], rtol=1e-4, atol=1e-5)
+
+
+COMPILE = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from trl_tokenpo.kernels import tiles_triton
+
+assert type(tiles_triton._forward_kernel).__name__ == "JITFunction"
+pointers = ["*bf16", "i32", "*bf16", "i32", "*i64", "*fp32", "i32", "i32", "i32", "fp32", "fp32", "fp32", "fp32"]
+for kernel in (tiles_triton._forward_kernel, tiles_triton._backward_kernel):
+    names = list(kernel.arg_names)
+    flags = {(i,): True for i in range(len(pointers), len(names) - 1)}
+    signature = dict(zip(names, pointers + ["constexpr"] * (len(names) - len(pointers))))
+    source = ASTSource(fn=kernel, signature=signature, constexprs={**flags, (len(names) - 1,): 1024})
+    assert "cubin" in triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm
+print("compiled")
+"""
+
+
+def test_kernels_compile_for_hopper_without_a_gpu(tmp_path):
+    # The interpreter accepts code that the compiler rejects (types of loop-carried values, constexpr use): compile
+    # both kernels, every option on, for sm_90 with Triton's bundled ptxas, in a process without the interpreter
+    pytest.importorskip("triton.compiler", reason="needs Triton's compiler")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TRITON_CACHE_DIR=str(tmp_path), TRITON_DEFAULT_FP_FUSION="1")
+    proc = subprocess.run([sys.executable, "-c", COMPILE], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-4000:]
