@@ -36,7 +36,9 @@ Sizes (``--size``): ``tiny`` (a smoke test, about two minutes: one process per t
 hidden 256, 4 layers, sequence 256, 2 pairs, 1 thread per worker: about 100 s per worker process, i.e. 22 minutes for
 2 rounds on a 2-core machine under a load average of 6, less when idle; the LM head is 8.2M of the model's 13M
 parameters, so the loss computation weighs as much as it does for a 0.5B model with a 150k vocabulary), ``gpu`` (Qwen2.5-0.5B-shaped: vocabulary 151936, hidden 896, 24 layers, 14 / 2 heads, intermediate 4864,
-tied embeddings, sequence 1024, bf16; CUDA only). ``--scaling`` times TDPO2 against DPO as the sequence doubles from
+tied embeddings, sequence 1024, 4 pairs, bf16, LoRA r=16 on every linear layer with the adapter-disabled model as
+reference; CUDA only; ``scripts/gpu_check.sh`` runs it), ``tiny-lora`` (the ``gpu`` code path at the tiny shape, for a
+CPU smoke test). ``--scaling`` times TDPO2 against DPO as the sequence doubles from
 256 to 2048 tokens on a smaller model.
 
 Usage::
@@ -45,6 +47,7 @@ Usage::
     python scripts/benchmark_speed.py --size cpu --rounds 3 --write-docs
     python scripts/benchmark_speed.py --scaling --write-docs
     python scripts/benchmark_speed.py --size gpu --write-docs          # on a CUDA machine
+    python scripts/benchmark_speed.py --size gpu --no-estimator --markdown outputs/gpu.md   # block to paste
 
 ``--write-docs`` replaces the matching part of the ``## Speed`` section of ``docs/benchmarks.md`` (and creates the
 section, or the file, when missing) with the table, the machine and the exact command.
@@ -106,6 +109,8 @@ class Size:
     architecture: str = "llama"  # "llama" or "qwen2"
     tie_embeddings: bool = False
     bf16: bool = False
+    # LoRA on every linear layer of the backbone (r=16, alpha=32); the reference is the model with the adapter disabled
+    lora: bool = False
 
     def describe(self) -> str:
         return (
@@ -113,6 +118,7 @@ class Size:
             f"{self.num_heads}/{self.num_kv_heads} heads, intermediate {self.intermediate_size}, "
             f"{'tied' if self.tie_embeddings else 'untied'} embeddings, sequence {self.seq_len} tokens, "
             f"{self.pairs} pairs per batch ({2 * self.pairs} rows), {'bf16' if self.bf16 else 'float32'}"
+            + (", LoRA r=16 on all linear layers (reference: adapter disabled)" if self.lora else "")
         )
 
 
@@ -122,7 +128,11 @@ SIZES = {
     "cpu": Size(vocab_size=32000, hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=4, intermediate_size=688,
                 seq_len=256, pairs=2),
     "gpu": Size(vocab_size=151936, hidden_size=896, num_layers=24, num_heads=14, num_kv_heads=2,
-                intermediate_size=4864, seq_len=1024, pairs=4, architecture="qwen2", tie_embeddings=True, bf16=True),
+                intermediate_size=4864, seq_len=1024, pairs=4, architecture="qwen2", tie_embeddings=True, bf16=True,
+                lora=True),
+    # the code path of `gpu` (LoRA, tied embeddings, qwen2) at the tiny shape, for a CPU smoke test
+    "tiny-lora": Size(vocab_size=512, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64,
+                      seq_len=64, pairs=2, architecture="qwen2", tie_embeddings=True, lora=True),
     # --scaling: the sequence length is overridden per run
     "scaling": Size(vocab_size=32000, hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
                     intermediate_size=344, seq_len=256, pairs=1),
@@ -257,6 +267,11 @@ def build_trainer(name: str, model, ref_model, tokenizer, dataset, size: Size, o
     from trl_tokenpo import TDPOConfig, TDPOTrainer, TISDPOConfig, TISDPOTrainer
 
     cuda = torch.cuda.is_available()
+    peft_config = None
+    if size.lora:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
     common = dict(
         output_dir=output_dir,
         use_cpu=not cuda,
@@ -275,18 +290,20 @@ def build_trainer(name: str, model, ref_model, tokenizer, dataset, size: Size, o
     )
     if name == "dpo":
         return DPOTrainer(model=model, ref_model=ref_model, args=DPOConfig(**common), train_dataset=dataset,
-                          processing_class=tokenizer)
+                          processing_class=tokenizer, peft_config=peft_config)
     if name in ("tdpo1", "tdpo2"):
         return TDPOTrainer(model=model, ref_model=ref_model, args=TDPOConfig(**common, tdpo_variant=name),
-                           train_dataset=dataset, processing_class=tokenizer)
+                           train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config)
     if name == "tisdpo-none-precomputed":
         # the reference's weighted sums are computed once at construction; no reference model is kept
         return TISDPOTrainer(model=model, ref_model=None, args=TISDPOConfig(**common, precompute_ref_log_probs=True),
-                             train_dataset=with_random_weights(dataset, tokenizer, seed), processing_class=tokenizer)
+                             train_dataset=with_random_weights(dataset, tokenizer, seed), processing_class=tokenizer,
+                             peft_config=peft_config)
     if name.startswith("tisdpo-"):
         kl_term = name.split("-", 1)[1]
         return TISDPOTrainer(model=model, ref_model=ref_model, args=TISDPOConfig(**common, tis_kl_term=kl_term),
-                             train_dataset=with_random_weights(dataset, tokenizer, seed), processing_class=tokenizer)
+                             train_dataset=with_random_weights(dataset, tokenizer, seed), processing_class=tokenizer,
+                             peft_config=peft_config)
     raise ValueError(f"unknown trainer {name!r}")
 
 
@@ -306,7 +323,8 @@ def run_trainer_worker(name: str, size: Size, warmup: int, steps: int, seed: int
     cuda = torch.cuda.is_available()
     tokenizer = build_tokenizer(size.vocab_size)
     model = build_model(size, tokenizer, seed)
-    ref_model = None if name.endswith("-precomputed") else copy.deepcopy(model)
+    # LoRA: the reference is the model with the adapter disabled, as TRL does it; no copy
+    ref_model = None if name.endswith("-precomputed") or size.lora else copy.deepcopy(model)
     dataset = build_dataset(size, seed)
     with tempfile.TemporaryDirectory() as output_dir:
         trainer = build_trainer(name, model, ref_model, tokenizer, dataset, size, output_dir, seed)
@@ -726,18 +744,24 @@ def main_parent(args) -> None:
         est = run_rounds(ESTIMATOR_ROWS, args, label="estimator ")
         estimator_table = format_estimator_table(est)
         print("\nToken scoring throughput (completion tokens per second, no gradient):\n\n" + estimator_table)
+    body = (
+        f"### Step time and peak memory, `--size {args.size}`\n\n"
+        f"Command: `{command}` ({time.perf_counter() - started:.0f} s).\n\n{header}\n\n"
+        f"Machine: {machine_description()}.\n\n{table}\n"
+    )
+    if estimator_table:
+        body += ("\nToken scoring throughput of the weight estimator (completion tokens per second, no gradient; "
+                 "the floor is two plain forward passes of the base model over the same tokens):\n\n"
+                 + estimator_table + "\n")
+    if args.notes:
+        body += "\n" + args.notes + "\n"
+    if args.markdown:
+        # the block --write-docs would put in docs/benchmarks.md, with its markers, to paste there
+        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.markdown).write_text(f"<!-- speed:main-{args.size}:start -->\n{body.strip()}\n"
+                                       f"<!-- speed:main-{args.size}:end -->\n")
+        print(f"wrote {args.markdown}", file=sys.stderr)
     if args.write_docs:
-        body = (
-            f"### Step time and peak memory, `--size {args.size}`\n\n"
-            f"Command: `{command}` ({time.perf_counter() - started:.0f} s).\n\n{header}\n\n"
-            f"Machine: {machine_description()}.\n\n{table}\n"
-        )
-        if estimator_table:
-            body += ("\nToken scoring throughput of the weight estimator (completion tokens per second, no gradient; "
-                     "the floor is two plain forward passes of the base model over the same tokens):\n\n"
-                     + estimator_table + "\n")
-        if args.notes:
-            body += "\n" + args.notes + "\n"
         update_docs(f"main-{args.size}", body)
 
 
@@ -753,7 +777,7 @@ def _cuda_available() -> bool:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", choices=["tiny", "cpu", "gpu", "scaling", "scaling-tiny"], default="cpu")
+    parser.add_argument("--size", choices=list(SIZES), default="cpu")
     parser.add_argument("--scaling", action="store_true", help="TDPO2 vs DPO as the sequence doubles 256 -> 2048.")
     parser.add_argument("--trainers", nargs="+", choices=TRAINERS, default=list(TRAINERS))
     parser.add_argument("--rounds", type=int, default=None, help="Interleaved rounds (default: 1 tiny, 3 else).")
@@ -768,11 +792,13 @@ def parse_args(argv=None):
     parser.add_argument("--no-estimator", action="store_true", help="Skip the token-scoring throughput rows.")
     parser.add_argument("--write-docs", action="store_true", help="Update the ## Speed section of docs/benchmarks.md.")
     parser.add_argument("--notes", default="", help="Free text appended under the table in the docs (e.g. load).")
+    parser.add_argument("--markdown", default=None,
+                        help="Also write the docs block of the main table to this file (e.g. from a GPU machine).")
     parser.add_argument("--worker-timeout", type=int, default=1800)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--seq-len", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    quick = args.size in ("tiny", "scaling-tiny")
+    quick = args.size in ("tiny", "tiny-lora", "scaling-tiny")
     args.rounds = args.rounds or (1 if quick else 3)
     args.warmup = 1 if args.warmup is None else args.warmup
     args.steps = args.steps or 2

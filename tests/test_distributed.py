@@ -240,9 +240,9 @@ def test_zero3_kernel_gathers_policy_and_reference_heads_in_forward_and_backward
         torch.testing.assert_close(param.grad, want[name], rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
 
     # the simulation does catch a kernel that reads the heads without gathering them
-    import trl_tokenpo.kernels as kernels
+    import trl_tokenpo.kernels.function as kernel_function
 
-    monkeypatch.setattr(kernels, "maybe_gather_lm_head_ctx", lambda *params: contextlib.nullcontext())
+    monkeypatch.setattr(kernel_function, "maybe_gather_lm_head_ctx", lambda *params: contextlib.nullcontext())
     assert torch.isnan(trainer.compute_loss(model, batch))
 
 

@@ -30,7 +30,7 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
 from .. import losses
-from ..kernels import TokenStatsRequest, add_token_stats_head
+from ..kernels import TokenStats, TokenStatsRequest, add_token_stats_head
 
 
 logger = get_logger(__name__)
@@ -70,22 +70,6 @@ def resolve_bf16_default(config: DPOConfig) -> None:
             f"{type(config).__name__}(bf16=True) needs a bf16-capable accelerator, and this machine has none. Leave "
             "bf16 unset (or False) to train in float32, or also set use_cpu=True to train with bf16 autocast on CPU."
         )
-
-
-@dataclass
-class PerTokenStats:
-    """Per-token statistics of a `[chosen; rejected]` batch, all `(2B, T-1)` float32 (after the shift), zero outside
-    the completion. `forward_kl` / `reverse_kl` / `log_sum_sq_probs` are `None` when not requested."""
-
-    policy_logps: torch.Tensor
-    ref_logps: torch.Tensor
-    entropy: torch.Tensor
-    mean_logits: torch.Tensor
-    is_top1: torch.Tensor
-    forward_kl: torch.Tensor | None = None
-    reverse_kl: torch.Tensor | None = None
-    log_sum_sq_probs: torch.Tensor | None = None
-    aux_loss: torch.Tensor | None = None
 
 
 @dataclass
@@ -376,8 +360,10 @@ class TokenLevelDPOTrainer(DPOTrainer):
         """`(2B, T-1)` LD-DPO multipliers of the log-ratio (`ld_alpha`), or `mask` itself without LD-DPO."""
         return losses.length_desensitized_weights(mask, self.ld_alpha) if self.ld_alpha is not None else mask
 
-    def _per_token_stats(self, model, inputs, model_kwargs, labels, need_log_sum_sq: bool) -> PerTokenStats:
-        """Run the reference (no gradient) and the policy and return their per-token statistics."""
+    def _per_token_stats(self, model, inputs, model_kwargs, labels, need_log_sum_sq: bool) -> TokenStats:
+        """Run the reference (no gradient) and the policy and return their per-token statistics, `(2B, T-1)` float32
+        (after the shift), zero outside the completion; `forward_kl` / `reverse_kl` / `log_sum_sq_probs` are `None`
+        when not requested, `ref_logps` when the reference sums were precomputed."""
         seq_len = labels.size(1) - 1
         ref_model = self.ref_model if self.ref_model is not None else self.model
         kl_outputs = self._kl_outputs
@@ -386,7 +372,7 @@ class TokenLevelDPOTrainer(DPOTrainer):
             # DPOTrainer's path: gathered label log-probabilities from TRL's fused LM head, nothing vocabulary-sized
             outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)
             ref_logps = None if self.precompute_ref_logps else self._reference_token_logps(ref_model, model_kwargs, labels)
-            return PerTokenStats(
+            return TokenStats(
                 policy_logps=outputs.log_probs[:, -seq_len:],
                 ref_logps=ref_logps,
                 entropy=outputs.entropy[:, -seq_len:],
@@ -400,24 +386,13 @@ class TokenLevelDPOTrainer(DPOTrainer):
         # both heads in tiles and returns every statistic in one pass
         reference = self._reference_forward(ref_model, model_kwargs, token_stats=TokenStatsRequest(labels=labels))
         requested = kl_outputs + METRIC_OUTPUTS + (("log_sum_sq_probs",) if need_log_sum_sq else ())
-        outputs = model(**model_kwargs, token_stats=TokenStatsRequest(labels=labels, reference=reference, outputs=requested))
-        return PerTokenStats(
-            policy_logps=outputs.policy_logps,
-            ref_logps=outputs.ref_logps,
-            entropy=outputs.entropy,
-            mean_logits=outputs.mean_logits,
-            is_top1=outputs.is_top1,
-            forward_kl=outputs.forward_kl,
-            reverse_kl=outputs.reverse_kl,
-            log_sum_sq_probs=outputs.log_sum_sq_probs,
-            aux_loss=outputs.aux_loss,
-        )
+        return model(**model_kwargs, token_stats=TokenStatsRequest(labels=labels, reference=reference, outputs=requested))
 
     # ------------------------------------------------------------------------------------------------------------
     # Loss
     # ------------------------------------------------------------------------------------------------------------
 
-    def _objective(self, stats: PerTokenStats, mask: torch.Tensor, ld_weights: torch.Tensor, inputs) -> Objective:
+    def _objective(self, stats: TokenStats, mask: torch.Tensor, ld_weights: torch.Tensor, inputs) -> Objective:
         """The method's margin from the per-token statistics (subclasses).
 
         Args:
