@@ -34,6 +34,7 @@ from trl.trainer.utils import use_adapter
 
 from .. import losses
 from ..kernels import TokenStatsRequest, add_token_stats_head
+from ..quantization import keep_4bit_layout
 
 
 logger = get_logger(__name__)
@@ -125,6 +126,10 @@ class TokenLevelDPOTrainer(DPOTrainer):
             quantization_config=quantization_config,
             peft_config=peft_config,
         )
+
+        # bitsandbytes would convert a 4-bit base in place on CPU in eval-mode forwards (see quantization.py)
+        keep_4bit_layout(self.model)
+        keep_4bit_layout(self.ref_model)
 
         # Checked after DPOTrainer's own checks, so that a vision dataset with a text model gets TRL's message
         if self._is_vision_dataset:
