@@ -43,6 +43,7 @@ from trl import DPOConfig
 from trl.data_utils import is_conversational
 
 from ..data import tokenize_preference_dataset
+from ..quantization import keep_4bit_layout
 from .cache import (
     IncompleteCacheError,
     ShardedScoreCache,
@@ -162,6 +163,7 @@ class ContrastiveWeightEstimator:
         )
         if movable:
             model.to(args.device)
+        keep_4bit_layout(model)  # the scoring's eval-mode forwards must not convert a 4-bit base (quantization.py)
         self.model = model
 
         if processing_class is None:

@@ -17,6 +17,8 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
+import tempfile
 import warnings
 from dataclasses import dataclass, fields
 
@@ -24,13 +26,15 @@ import torch
 from accelerate.logging import get_logger
 from accelerate.utils import is_peft_model
 from datasets import Dataset, IterableDataset
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import DPOConfig, DPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
 from .. import losses
 from ..kernels import TokenStats, TokenStatsRequest, add_token_stats_head
+from ..quantization import keep_4bit_layout
 
 
 logger = get_logger(__name__)
@@ -132,6 +136,10 @@ class TokenLevelDPOTrainer(DPOTrainer):
             peft_config=peft_config,
         )
 
+        # bitsandbytes would convert a 4-bit base in place on CPU in eval-mode forwards (see quantization.py)
+        keep_4bit_layout(self.model)
+        keep_4bit_layout(self.ref_model)
+
         # Checked after DPOTrainer's own checks, so that a vision dataset with a text model gets TRL's message
         if self._is_vision_dataset:
             raise ValueError(
@@ -206,28 +214,58 @@ class TokenLevelDPOTrainer(DPOTrainer):
     # ------------------------------------------------------------------------------------------------------------
 
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None):
-        # DPOTrainer logs `num_tokens` from a counter kept on the trainer, which a resumed run would restart from 0;
-        # the checkpoint holds its value (see `_save_checkpoint`)
         if resume_from_checkpoint is True:
-            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+            resume_from_checkpoint = _last_complete_checkpoint(self.args.output_dir)
             if resume_from_checkpoint is None:
                 raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir})")
-        if isinstance(resume_from_checkpoint, (str, os.PathLike)):
-            path = os.path.join(resume_from_checkpoint, COUNTERS_NAME)
-            if os.path.isfile(path):
-                with open(path) as f:
-                    self._total_train_tokens = json.load(f)["total_train_tokens"]
+        if isinstance(resume_from_checkpoint, (str, os.PathLike)) and os.path.isdir(resume_from_checkpoint):
+            problem = _checkpoint_problem(resume_from_checkpoint)
+            if problem is not None:
+                found = _last_complete_checkpoint(os.path.dirname(os.path.abspath(resume_from_checkpoint)), quiet=True)
+                hint = f" The newest complete checkpoint next to it is {found}." if found else ""
+                raise ValueError(
+                    f"Cannot resume from {resume_from_checkpoint}: {problem}, so its save did not finish (the process "
+                    f"was stopped while writing it).{hint} Pass a complete checkpoint, or `resume_from_checkpoint=True` "
+                    "for the newest complete one."
+                )
+            self._total_train_tokens = self._load_counters(resume_from_checkpoint)
         return super().train(
             resume_from_checkpoint=resume_from_checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval
         )
 
     def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
+        # DPOTrainer logs `num_tokens` from a counter kept on the trainer, which a resumed run would restart from 0: the
+        # checkpoint holds its value. Written (atomically) BEFORE the rest of the checkpoint, so that every checkpoint
+        # that counts as complete (Trainer writes trainer_state.json last) has it.
         if self.args.should_save:
             folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-            if os.path.isdir(folder):
-                with open(os.path.join(folder, COUNTERS_NAME), "w") as f:
-                    json.dump({"total_train_tokens": self._total_train_tokens}, f)
+            os.makedirs(folder, exist_ok=True)
+            _atomic_write_json(os.path.join(folder, COUNTERS_NAME), {"total_train_tokens": self._total_train_tokens})
+        super()._save_checkpoint(model, trial)
+
+    @staticmethod
+    def _load_counters(checkpoint: str | os.PathLike) -> int:
+        """The `num_tokens` counter saved in `checkpoint`. A checkpoint without a readable counters file (written by
+        another trainer, e.g. `trl.DPOTrainer`, or damaged) resumes from the last `num_tokens` in its log history, with
+        a warning, so that the logged metric does not silently restart from 0."""
+        path = os.path.join(checkpoint, COUNTERS_NAME)
+        try:
+            with open(path) as f:
+                return int(json.load(f)["total_train_tokens"])
+        except FileNotFoundError:
+            problem = f"has no {COUNTERS_NAME} (written by another trainer, e.g. trl.DPOTrainer, or an older trl-tokenpo)"
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            problem = f"has an unreadable {COUNTERS_NAME} ({type(error).__name__}: {error})"
+        with open(os.path.join(checkpoint, TRAINER_STATE_NAME)) as f:
+            history = json.load(f).get("log_history", [])
+        logged = [(e["step"], e["num_tokens"]) for e in history if "num_tokens" in e and "step" in e]
+        if logged:
+            step, tokens = logged[-1]
+            fallback = f"the logged `num_tokens` continues from its last logged value, {tokens:.0f} (step {step})"
+        else:
+            tokens, fallback = 0, "the logged `num_tokens` restarts from 0"
+        logger.warning(f"Checkpoint {checkpoint} {problem}: {fallback}. The rest of its state is restored as usual.")
+        return int(tokens)
 
     # ------------------------------------------------------------------------------------------------------------
     # Data
@@ -502,3 +540,59 @@ class TokenLevelDPOTrainer(DPOTrainer):
         metrics["kl/chosen"] = chosen
         metrics["kl/rejected"] = rejected
         metrics["kl/margin"] = chosen - rejected
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Checkpoint helpers
+# ----------------------------------------------------------------------------------------------------------------------
+
+_CHECKPOINT_RE = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+
+
+def _checkpoint_problem(checkpoint: str | os.PathLike) -> str | None:
+    """Why `checkpoint` is not a complete checkpoint, or `None` if it is. `Trainer._save_checkpoint` writes
+    `trainer_state.json` last (after the weights, optimizer, scheduler and RNG states), and resuming needs it: a
+    checkpoint without a readable one was cut off while being saved."""
+    try:
+        with open(os.path.join(checkpoint, TRAINER_STATE_NAME)) as f:
+            json.load(f)
+    except FileNotFoundError:
+        return f"it has no {TRAINER_STATE_NAME}"
+    except (OSError, ValueError) as error:
+        return f"its {TRAINER_STATE_NAME} is unreadable ({type(error).__name__})"
+    return None
+
+
+def _last_complete_checkpoint(folder: str | os.PathLike, quiet: bool = False) -> str | None:
+    """The newest complete `checkpoint-<step>` of `folder` (what `transformers.trainer_utils.get_last_checkpoint`
+    returns, minus checkpoints whose save was cut off, each named in a warning unless `quiet`), or `None`."""
+    if not os.path.isdir(folder):
+        return None
+    steps = sorted(
+        ((int(m.group(1)), name) for name in os.listdir(folder) if (m := _CHECKPOINT_RE.match(name))), reverse=True
+    )
+    for _, name in steps:
+        path = os.path.join(folder, name)
+        if not os.path.isdir(path):
+            continue
+        problem = _checkpoint_problem(path)
+        if problem is None:
+            return path
+        if not quiet:
+            logger.warning(f"Skipping incomplete checkpoint {path}: {problem} (its save was cut off).")
+    return None
+
+
+def _atomic_write_json(path: str, obj) -> None:
+    """Write `obj` to `path` so that a reader sees either the old file, no file, or the whole new one."""
+    fd, staging = tempfile.mkstemp(dir=os.path.dirname(path), prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(staging, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(staging)
+        raise
