@@ -15,8 +15,16 @@ from conftest import build_model, build_tokenizer, cpu_args, preference_rows
 from datasets import Dataset, load_from_disk
 
 from trl_tokenpo.data import tokenize_preference_dataset
-from trl_tokenpo.estimator import ContrastiveWeightEstimator, WeightEstimatorConfig
-from trl_tokenpo.estimator.estimator import REF_COLUMNS, REWARD_COLUMNS
+from trl_tokenpo.estimator import (
+    REF_COLUMNS,
+    REWARD_COLUMNS,
+    ContrastiveWeightEstimator,
+    ShardedScoreCache,
+    WeightEstimatorConfig,
+    model_state,
+    pair,
+)
+from trl_tokenpo.estimator import estimator as estimator_module
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,25 +60,30 @@ def dense_logps(model, context, completion):
     return logps[len(context) - 1 :]
 
 
-def forbid(monkeypatch, *names):
+def forbid(monkeypatch, *steps):
+    """Make the named steps fail: "train" (adapter training), "score" (scoring a shard), "tokenize"."""
+
     def boom(*args, **kwargs):
         raise AssertionError("must not run (cache hit expected)")
 
-    for name in names:
-        monkeypatch.setattr(ContrastiveWeightEstimator, name, boom)
+    targets = {"train": (pair, "_train_adapter"), "score": (ContrastiveWeightEstimator, "_score_shard"),
+               "tokenize": (ContrastiveWeightEstimator, "tokenize")}  # fmt: skip
+    for step in steps:
+        monkeypatch.setattr(*targets[step], boom)
 
 
 def count_scored_shards(monkeypatch, fail_after: int | None = None):
+    """The shards written to the score store, in order; with `fail_after`, a crash before writing the next one."""
     calls = []
-    original = ContrastiveWeightEstimator._score_shard
+    original = ShardedScoreCache.write_shard
 
-    def wrapper(self, cache, shard, *args, **kwargs):
+    def wrapper(self, shard, columns):
         if fail_after is not None and len(calls) >= fail_after:
             raise KeyboardInterrupt("simulated crash")
         calls.append(shard)
-        return original(self, cache, shard, *args, **kwargs)
+        return original(self, shard, columns)
 
-    monkeypatch.setattr(ContrastiveWeightEstimator, "_score_shard", wrapper)
+    monkeypatch.setattr(ShardedScoreCache, "write_shard", wrapper)
     return calls
 
 
@@ -204,22 +217,21 @@ def test_swapping_the_adapters_negates_the_rewards(fitted_dpo, tmp_path):
 def test_merged_adapter_passes_equal_unmerged_ones_and_restore_the_weights_exactly(fitted_dpo, tmp_path, monkeypatch):
     """sft / dpo score each shard with an adapter merged into the float32 base weights; the scores equal those of the
     unmerged adapters, the weights come back bit for bit and the base fingerprint (hence the cache key) is kept."""
-    from trl_tokenpo.estimator import estimator as module
-    from trl_tokenpo.estimator.cache import fingerprint_base_model
+    from trl_tokenpo.fingerprint import fingerprint_base_model
 
     estimator, dataset, result, _ = fitted_dpo
     model = estimator.model
     before = {n: t.detach().clone() for n, t in model.state_dict().items()}
     digest = estimator.base_model_fingerprint()
     used = []
-    original = module._merge_backup
+    original = model_state.merge_backup
 
     def spy(peft_model):
         backup = original(peft_model)
         used.append(backup is not None)
         return backup
 
-    monkeypatch.setattr(module, "_merge_backup", spy)
+    monkeypatch.setattr(model_state, "merge_backup", spy)
     monkeypatch.setattr(estimator.args, "cache_dir", str(tmp_path / "merged"))
     merged = estimator.score(dataset)
     assert used == [True] and not estimator.stats["cache_hit"]
@@ -227,7 +239,7 @@ def test_merged_adapter_passes_equal_unmerged_ones_and_restore_the_weights_exact
     assert after.keys() == before.keys() and all(torch.equal(after[n], t) for n, t in before.items())
     assert estimator.base_model_fingerprint() == digest == fingerprint_base_model(model)
 
-    monkeypatch.setattr(module, "_merge_backup", lambda peft_model: None)
+    monkeypatch.setattr(model_state, "merge_backup", lambda peft_model: None)
     monkeypatch.setattr(estimator.args, "cache_dir", str(tmp_path / "unmerged"))
     unmerged = estimator.score(dataset)
     largest = 0.0
@@ -243,12 +255,10 @@ def test_merging_is_only_used_for_plain_float32_or_float16_lora_layers(tiny):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from trl_tokenpo.estimator.estimator import _merge_backup
-
     for dtype, expected in ((torch.float32, True), (torch.float16, True), (torch.bfloat16, False)):
         model = AutoModelForCausalLM.from_pretrained(tiny, dtype=dtype)
         peft_model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=2, target_modules="all-linear"))
-        backup = _merge_backup(peft_model)
+        backup = model_state.merge_backup(peft_model)
         assert (backup is not None) == expected
         if backup:
             assert all(saved.device.type == "cpu" and torch.equal(saved, p.cpu()) for p, saved in backup)
@@ -285,7 +295,7 @@ def test_output_lengths_equal_the_trainer_tokenization(kind, tiny, tmp_path):
 def test_prompt_method_trains_nothing_and_scores_the_trainer_completions(conversational, tiny, tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    forbid(monkeypatch, "_train_adapter")
+    forbid(monkeypatch, "train")
     tokenizer = AutoTokenizer.from_pretrained(tiny)
     data = preference_rows(4)
     if conversational:
@@ -299,13 +309,13 @@ def test_prompt_method_trains_nothing_and_scores_the_trainer_completions(convers
         ]
     dataset = Dataset.from_list(data)
     seen = []
-    original = ContrastiveWeightEstimator._build_batch
+    original = estimator_module.plan_batches
 
-    def record(self, contexts, completions, count):
-        seen.append((list(map(list, contexts)), list(map(list, completions))))
-        return original(self, contexts, completions, count)
+    def record(contexts, completions, order, *args):
+        seen.append(([list(contexts[k]) for k in order], [list(completions[k]) for k in order]))
+        return original(contexts, completions, order, *args)
 
-    monkeypatch.setattr(ContrastiveWeightEstimator, "_build_batch", record)
+    monkeypatch.setattr(estimator_module, "plan_batches", record)
     args = estimator_args(tmp_path, scoring_batch_size=8, cache_shard_size=8, system_prompt_pair="helpful")
     estimator = ContrastiveWeightEstimator(tiny, tokenizer, args)
     result = estimator.estimate(dataset)
@@ -386,7 +396,7 @@ def test_the_output_trains_a_tisdpo_trainer(fitted_dpo, tiny, tmp_path):
 
 def test_second_estimate_trains_and_scores_nothing(fitted_dpo, monkeypatch):
     estimator, dataset, result, _ = fitted_dpo
-    forbid(monkeypatch, "_train_adapter", "_score_shard", "tokenize")
+    forbid(monkeypatch, "train", "score", "tokenize")
     again = estimator.estimate(dataset)
     assert estimator.stats["cache_hit"] and estimator.stats["trained_adapters"] == []
     assert rows(again, REWARD_COLUMNS + REF_COLUMNS) == rows(result, REWARD_COLUMNS + REF_COLUMNS)

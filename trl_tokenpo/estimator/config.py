@@ -50,6 +50,8 @@ class WeightEstimatorConfig(TrainingArguments):
     > - `logging_steps`: `10` instead of `500`.
     > - `bf16`: `True` only when a CUDA device with bfloat16 support is used (never on CPU), instead of `False`.
     > - `save_strategy`: `"no"` instead of `"steps"` (the estimator saves the adapters itself).
+    > - `gradient_checkpointing`: `True` instead of `False`, as in TRL's `SFTConfig` / `DPOConfig` (the adapter
+    >   training then needs no more activation memory than the trainer that uses the weights).
 
     Parameters:
         > Contrastive pair
@@ -203,6 +205,13 @@ class WeightEstimatorConfig(TrainingArguments):
         metadata={
             "help": "Train the adapters in bf16 mixed precision. Defaults to True only on a CUDA device that supports "
             "bfloat16 (never on CPU or with fp16)."
+        },
+    )
+    gradient_checkpointing: bool = field(
+        default=True,
+        metadata={
+            "help": "Gradient checkpointing during the adapter training (TRL's default): less activation memory, about "
+            "30% more compute."
         },
     )
     save_strategy: str = field(
