@@ -214,9 +214,10 @@ def test_swapping_the_adapters_negates_the_rewards(fitted_dpo, tmp_path):
             np.testing.assert_allclose(a, -np.asarray(b), atol=1e-6)
 
 
-def test_merged_adapter_passes_equal_unmerged_ones_and_restore_the_weights_exactly(fitted_dpo, tmp_path, monkeypatch):
-    """sft / dpo score each shard with an adapter merged into the float32 base weights; the scores equal those of the
-    unmerged adapters, the weights come back bit for bit and the base fingerprint (hence the cache key) is kept."""
+def test_the_three_adapter_paths_agree_and_restore_the_weights_exactly(fitted_dpo, tmp_path, monkeypatch):
+    """Plain LoRA adapters are added to the float32 base weights for each pass without PEFT layers (the default); PEFT
+    merged and PEFT unmerged adapters are the fallbacks. All three give the same scores, the weights come back bit
+    for bit and the base fingerprint (hence the cache key) is kept."""
     from trl_tokenpo.fingerprint import fingerprint_base_model
 
     estimator, dataset, result, _ = fitted_dpo
@@ -224,29 +225,34 @@ def test_merged_adapter_passes_equal_unmerged_ones_and_restore_the_weights_exact
     before = {n: t.detach().clone() for n, t in model.state_dict().items()}
     digest = estimator.base_model_fingerprint()
     used = []
-    original = model_state.merge_backup
+    original = model_state.direct_lora_pair
 
-    def spy(peft_model):
-        backup = original(peft_model)
-        used.append(backup is not None)
-        return backup
+    def spy(*args):
+        pair = original(*args)
+        used.append(pair is not None)
+        return pair
 
-    monkeypatch.setattr(model_state, "merge_backup", spy)
-    monkeypatch.setattr(estimator.args, "cache_dir", str(tmp_path / "merged"))
-    merged = estimator.score(dataset)
-    assert used == [True] and not estimator.stats["cache_hit"]
-    after = model.state_dict()
-    assert after.keys() == before.keys() and all(torch.equal(after[n], t) for n, t in before.items())
-    assert estimator.base_model_fingerprint() == digest == fingerprint_base_model(model)
-
-    monkeypatch.setattr(model_state, "merge_backup", lambda peft_model: None)
-    monkeypatch.setattr(estimator.args, "cache_dir", str(tmp_path / "unmerged"))
-    unmerged = estimator.score(dataset)
+    scores = {}
+    for path in ("direct", "peft-merged", "peft-unmerged"):
+        if path == "direct":
+            monkeypatch.setattr(model_state, "direct_lora_pair", spy)
+        else:
+            monkeypatch.setattr(model_state, "direct_lora_pair", lambda *args: None)
+        if path == "peft-unmerged":
+            monkeypatch.setattr(model_state, "merge_backup", lambda peft_model: None)
+        monkeypatch.setattr(estimator.args, "cache_dir", str(tmp_path / path))
+        scores[path] = estimator.score(dataset)
+        assert not estimator.stats["cache_hit"]
+        after = model.state_dict()
+        assert after.keys() == before.keys() and all(torch.equal(after[n], t) for n, t in before.items()), path
+        assert estimator.base_model_fingerprint() == digest == fingerprint_base_model(model)
+    assert used == [True]
     largest = 0.0
     for column in REWARD_COLUMNS + REF_COLUMNS:
-        for a, b, c in zip(merged[column], unmerged[column], result[column]):
-            np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+        for a, b, c, d in zip(*(scores[p][column] for p in scores), result[column]):
+            np.testing.assert_array_equal(a, b)  # the same merge arithmetic as PEFT's: bit-identical
             np.testing.assert_allclose(a, c, atol=1e-5, rtol=0)
+            np.testing.assert_array_equal(a, d)
             largest = max(largest, float(np.abs(np.asarray(a)).max(initial=0.0)))
     assert largest > 1e-2
 
@@ -262,6 +268,36 @@ def test_merging_is_only_used_for_plain_float32_or_float16_lora_layers(tiny):
         assert (backup is not None) == expected
         if backup:
             assert all(saved.device.type == "cpu" and torch.equal(saved, p.cpu()) for p, saved in backup)
+
+
+@pytest.mark.parametrize(
+    "dtype, lora, direct",
+    [(torch.float32, {}, True), (torch.float16, {"use_rslora": True}, True), (torch.bfloat16, {}, False),
+     (torch.float32, {"use_dora": True}, False), (torch.float32, {"modules_to_save": ["lm_head"]}, False),
+     (torch.float32, {"rank_pattern": {"q_proj": 4}}, False)],
+)  # fmt: skip
+def test_the_direct_path_takes_plain_lora_on_float32_or_float16_linear_layers_only(dtype, lora, direct, tiny, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    paths = {}
+    for name in ("plus", "minus"):
+        model = AutoModelForCausalLM.from_pretrained(tiny, dtype=dtype)
+        config = LoraConfig(task_type="CAUSAL_LM", r=2, target_modules="all-linear", init_lora_weights=False, **lora)
+        get_peft_model(model, config).save_pretrained(tmp_path / name)
+        paths[name] = str(tmp_path / name)
+    model = AutoModelForCausalLM.from_pretrained(tiny, dtype=dtype)
+    pair = model_state.direct_lora_pair(model, paths)
+    assert (pair is not None) == direct
+    if pair is not None:  # the weights a pass sees are PEFT's merged weights, and come back afterwards
+        from peft import PeftModel
+
+        before = {n: t.clone() for n, t in model.state_dict().items()}
+        reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny, dtype=dtype), paths["minus"])
+        merged = reference.merge_and_unload().state_dict()
+        with pair.use("minus") as used:
+            assert all(torch.equal(used.state_dict()[n], merged[n]) for n in before)
+        assert all(torch.equal(model.state_dict()[n], t) for n, t in before.items())
 
 
 @pytest.mark.parametrize("kind", ["standard", "conversational", "implicit"])

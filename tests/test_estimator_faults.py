@@ -249,3 +249,41 @@ def test_a_complete_cache_in_a_read_only_directory_is_a_cache_hit(tmp_path):
     finally:
         _READ_ONLY_ROOTS.clear()
     assert again.stats["cache_hit"] and second == first
+
+
+# -------------------------------------------------------------------------------------------------------------------
+# Issue 16: say why saved adapters are not reused; report how well the rewards separate chosen from rejected
+
+
+def test_before_training_the_log_says_what_differs_from_the_closest_saved_fit(fitted, tmp_path, caplog):
+    out, tokenizer, model, dataset, _ = fitted
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    other = estimator(model, tokenizer, copy, method="dpo", max_steps=1, seed=7, learning_rate=1e-2)
+    with caplog.at_level(logging.WARNING):
+        other.fit(dataset)
+    message = next(m for m in caplog.messages if "closest saved fit" in m)
+    assert "differs in 2 field(s): training.learning_rate: 0.05 -> 0.01; training.seed: 0 -> 7" in message
+
+
+def test_the_separation_of_chosen_and_rejected_is_reported_and_warned_about(fitted, tmp_path, caplog):
+    from trl_tokenpo.estimator import Separation
+    from trl_tokenpo.estimator.scoring import separation
+
+    result = separation([[1.0, 0.5], [0.0], [2.0]], [[-1.0], [0.0], [1.0, 0.5]])
+    assert result == Separation(3, 3.5 / 4, 0.5 / 4, (1 + 0.5 + 1) / 3, False)  # 0.83 < 0.5 + 1/sqrt(3)
+    assert separation([[1.0]] * 16, [[0.0]] * 16).separated
+    out, tokenizer, model, dataset, _ = fitted
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    prompt = estimator(model, tokenizer, tmp_path / "prompt")  # the tiny model never learned the system prompts
+    with caplog.at_level(logging.WARNING):
+        scored = prompt.estimate(dataset)
+    stats = prompt.stats.separation
+    assert stats.num_pairs == 4 and not stats.separated
+    assert "do not separate chosen from rejected" in caplog.text
+    chosen = [x for row in scored["chosen_token_rewards"] for x in row]
+    assert abs(stats.mean_reward_chosen - sum(chosen) / len(chosen)) < 1e-6
+    again = estimator(model, tokenizer, copy, method="dpo", max_steps=1)
+    again.estimate(dataset)  # a cache hit reports it too
+    assert again.stats.cache_hit and again.stats.separation.num_pairs == 4

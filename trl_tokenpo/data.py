@@ -215,24 +215,27 @@ def tokenize_preference_dataset(
     tokenizer = getattr(processing_class, "tokenizer", processing_class)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    map_kwargs = {"num_proc": num_proc} if isinstance(dataset, Dataset) else {}
+    map_kwargs = {"num_proc": num_proc, "desc": f"Tokenizing the {dataset_name} dataset"} if isinstance(dataset, Dataset) else {}
     with global_then_local_main_first():
-        if "prompt" not in next(iter(dataset)):
-            dataset = dataset.map(extract_prompt, **map_kwargs)
-        if not is_conversational(next(iter(dataset))):
-            dataset = dataset.map(_add_eos, fn_kwargs={"eos_token": tokenizer.eos_token}, **map_kwargs)
-        dataset = dataset.map(_tokenize_pair, fn_kwargs={"processing_class": processing_class}, **map_kwargs)
+        dataset = dataset.map(tokenize_preference_example, fn_kwargs={"processing_class": processing_class}, **map_kwargs)
         if max_length is not None and truncation_mode == "keep_start":
+            map_kwargs.pop("desc", None)
             dataset = dataset.filter(lambda example: len(example["prompt_ids"]) < max_length, **map_kwargs)
     return dataset
 
 
-def _add_eos(example: dict, eos_token: str) -> dict:
-    out = {}
-    for side in ("chosen", "rejected"):
-        text = example[side]
-        out[side] = text if text.endswith(eos_token) else text + eos_token
-    return out
+def tokenize_preference_example(example: dict, processing_class) -> dict:
+    """One row of [`tokenize_preference_dataset`]: `prompt` / `chosen` / `rejected` as the trainer sees them (prompt
+    extracted, EOS text appended to standard completions) and their `prompt_ids` / `chosen_ids` / `rejected_ids`."""
+    if "prompt" not in example:
+        example = {**example, **extract_prompt(example)}
+    if not is_conversational(example):
+        eos = getattr(processing_class, "tokenizer", processing_class).eos_token
+        example = dict(example)
+        for side in ("chosen", "rejected"):
+            if not example[side].endswith(eos):
+                example[side] += eos
+    return {key: example[key] for key in ("prompt", "chosen", "rejected")} | _tokenize_pair(example, processing_class)
 
 
 def _token_ids(processing_class, value, **chat_template_kwargs) -> list[int]:

@@ -378,7 +378,7 @@ class _Work:
 
     def _start(self) -> None:
         est = self.estimator
-        self.inputs = scoring_inputs(est.tokenize(self.dataset), est.args, est.processing_class)
+        self.inputs = scoring_inputs(self.dataset, est.args, est.processing_class)
         self.pair = self.resources.enter_context(attached_pair(est.model, est.adapter_paths))
         disable = bool(est.args.disable_tqdm) or not est.state.is_local_main_process
         self.bar = self.resources.enter_context(

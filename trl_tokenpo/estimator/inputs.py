@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datasets import Dataset, DatasetDict, IterableDataset
 from trl.data_utils import is_conversational
 
-from ..data import EXTRA_INPUT_COLUMNS, tokenize_preference_dataset
+from ..data import EXTRA_INPUT_COLUMNS, tokenize_preference_example
 
 
 logger = logging.getLogger(__name__)
@@ -53,11 +53,6 @@ class ScoringInputs:
     contexts: dict[str, list[list[int]]]
 
 
-def _column(dataset: Dataset, name: str) -> list[list[int]]:
-    """A column as plain lists, converted once (indexing a Dataset row by row goes through Arrow on every access)."""
-    return dataset.select_columns([name]).to_dict()[name]
-
-
 def add_system_prompt(example: dict, system_prompt: str, mode: str) -> dict:
     """The example's prompt after `system_prompt`: a text prefix for standard data; for conversational data a system
     message (merged into an existing one) with `mode="system"`, a prefix of the first user message with `"user"`."""
@@ -78,18 +73,20 @@ def add_system_prompt(example: dict, system_prompt: str, mode: str) -> dict:
     raise ValueError("The conversational prompt has no text user message to put the system prompt in.")
 
 
-def system_context_ids(tokenized: Dataset, system_prompt: str, processing_class, num_proc) -> list[list[int]]:
-    """Context ids of every prompt after `system_prompt`, cut where TRL cuts the prompt (where prompt and prompt +
-    completion tokenizations diverge). A chat template that refuses system messages gets the prompt in the first
-    user message instead (with a warning)."""
-    keep = ["prompt", "chosen", "rejected"] + [c for c in EXTRA_INPUT_COLUMNS if c in tokenized.column_names]
-    data = tokenized.select_columns(keep)
+def system_context_ids(rows: list[dict], system_prompt: str, processing_class) -> list[list[int]]:
+    """Context ids of every (trainer-normalized) row's prompt after `system_prompt`, cut where TRL cuts the prompt
+    (where prompt and prompt + completion tokenizations diverge). A chat template that refuses system messages gets
+    the prompt in the first user message instead (with a warning)."""
     for mode in ("system", "user"):
-        prompted = data.map(add_system_prompt, fn_kwargs={"system_prompt": system_prompt, "mode": mode})
         try:
-            return _column(tokenize_preference_dataset(prompted, processing_class, num_proc=num_proc), "prompt_ids")
+            return [
+                tokenize_preference_example({**row, **add_system_prompt(row, system_prompt, mode)}, processing_class)[
+                    "prompt_ids"
+                ]
+                for row in rows
+            ]
         except Exception as exc:  # a chat template that refuses the system role
-            if mode == "user" or not is_conversational(data[0]):
+            if mode == "user" or not is_conversational(rows[0]):
                 raise
             logger.warning(
                 f"The chat template refused a system message ({type(exc).__name__}: {exc}); the system prompt is put "
@@ -98,10 +95,13 @@ def system_context_ids(tokenized: Dataset, system_prompt: str, processing_class,
     raise AssertionError("unreachable")
 
 
-def scoring_inputs(tokenized: Dataset, args, processing_class) -> ScoringInputs:
-    """The ids every pass needs, from the trainer-tokenized dataset (`tokenize_preference_dataset`)."""
-    contexts = {"prompt_ids": _column(tokenized, "prompt_ids")}
+def scoring_inputs(dataset: Dataset, args, processing_class) -> ScoringInputs:
+    """The ids every pass needs: the trainer's tokenization of every row (`tokenize_preference_example`, row by row:
+    no `datasets` map, whose per-call cost dominated small datasets) and the system-prompted contexts."""
+    keep = [c for c in ("prompt", "chosen", "rejected", *EXTRA_INPUT_COLUMNS) if c in dataset.column_names]
+    rows = [{**row, **tokenize_preference_example(row, processing_class)} for row in dataset.select_columns(keep).to_list()]
+    contexts = {"prompt_ids": [row["prompt_ids"] for row in rows]}
     if args.method == "prompt":
         for name, prompt in (("positive_ids", args.positive_system_prompt), ("negative_ids", args.negative_system_prompt)):
-            contexts[name] = system_context_ids(tokenized, prompt, processing_class, args.dataset_num_proc)
-    return ScoringInputs({side: _column(tokenized, f"{side}_ids") for side in SIDES}, contexts)
+            contexts[name] = system_context_ids(rows, prompt, processing_class)
+    return ScoringInputs({side: [row[f"{side}_ids"] for row in rows] for side in SIDES}, contexts)

@@ -2,21 +2,33 @@
 
 * :class:`ModelSnapshot` records and restores what TRL's trainers change on the base model (patched `forward`,
   `requires_grad`, train mode, gradient checkpointing, `use_cache`).
-* :func:`attached_pair` loads the two adapters on the base model for scoring and takes them out afterwards; its
-  :meth:`AttachedPair.use` makes one adapter (or none) the model a pass runs, merging a LoRA adapter into float32 /
-  float16 base weights for the pass and restoring them bit for bit afterwards.
+* :func:`attached_pair` puts the two adapters on the base model for scoring and takes them out afterwards; its
+  `use(adapter)` makes one adapter (or none) the model a pass runs. Plain LoRA adapters on float32 / float16 linear
+  layers are added to the base weights for the pass (`W + B A * scaling`, what PEFT's merge computes) without PEFT
+  layers (:class:`DirectLoraPair`: no per-call module surgery); other adapters are loaded with PEFT
+  (:class:`AttachedPair`), merged when that is exact. The base weights are restored bit for bit after every pass.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 
 import torch
 from transformers import PreTrainedModel
 
 
-__all__ = ["AttachedPair", "ModelSnapshot", "attached_pair", "is_peft_model", "merge_backup", "strip_adapter_layers"]
+__all__ = [
+    "AttachedPair",
+    "DirectLoraPair",
+    "ModelSnapshot",
+    "attached_pair",
+    "direct_lora_pair",
+    "is_peft_model",
+    "merge_backup",
+    "strip_adapter_layers",
+]
 
 _MISSING = object()
 
@@ -130,25 +142,104 @@ class AttachedPair:
             try:
                 peft_model.unmerge_adapter()
             finally:
-                with torch.no_grad():
-                    for param, saved in self.backup:
-                        param.data.copy_(saved, non_blocking=False)
+                _restore(self.backup)
+
+
+def _restore(backup: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    with torch.no_grad():
+        for param, saved in backup:
+            param.data.copy_(saved, non_blocking=False)
+
+
+# LoRA config fields that do not change what a plain LoRA adapter adds to a linear layer at inference (the others must
+# be off for the direct path: DoRA, LoRA biases, patterns, variants, fan_in_fan_out, modules_to_save, ...).
+_PLAIN_LORA_FIELDS = {
+    "task_type", "peft_type", "auto_mapping", "base_model_name_or_path", "revision", "inference_mode", "r", "lora_alpha",
+    "lora_dropout", "target_modules", "exclude_modules", "init_lora_weights", "layers_to_transform", "layers_pattern",
+    "use_rslora", "megatron_config", "megatron_core", "loftq_config", "eva_config", "corda_config", "lora_ga_config",
+    "peft_version", "qalora_group_size", "ensure_weight_tying",
+}  # fmt: skip
+
+
+class DirectLoraPair:
+    """Plain LoRA adapters applied to the base weights for a pass: `W += (B @ A) * scaling` (PEFT's merge), restored
+    from a copy afterwards. `deltas[adapter]` lists `(weight, A, B, scaling)` per adapted linear layer."""
+
+    def __init__(self, model: PreTrainedModel, deltas: dict[str, list[tuple]]):
+        self.model, self.deltas = model, deltas
+        weights = {id(w): w for entries in deltas.values() for w, *_ in entries}
+        self.backup = [(w, w.detach().to("cpu", copy=True)) for w in weights.values()]
+
+    @contextlib.contextmanager
+    def use(self, adapter: str | None) -> Iterator[PreTrainedModel]:
+        if adapter is None:
+            yield self.model
+            return
+        try:
+            with torch.no_grad():
+                for weight, a, b, scaling in self.deltas[adapter]:
+                    weight.add_((b @ a) * scaling)
+            yield self.model
+        finally:
+            _restore(self.backup)
+
+
+def direct_lora_pair(model: PreTrainedModel, adapter_paths: dict[str, str]) -> DirectLoraPair | None:
+    """A :class:`DirectLoraPair` when both adapters are plain LoRA on `torch.nn.Linear` layers with float32 / float16
+    weights, else None (PEFT is used)."""
+    from peft import PeftConfig
+    from peft.utils import load_peft_weights
+
+    deltas = {}
+    for name, path in adapter_paths.items():
+        config = PeftConfig.from_pretrained(path).to_dict()
+        if config.get("peft_type") not in ("LORA", "PeftType.LORA") and str(config.get("peft_type")) != "PeftType.LORA":
+            return None
+        if any(value not in (None, False, "none", {}, []) for key, value in config.items() if key not in _PLAIN_LORA_FIELDS):
+            return None
+        r, alpha = config["r"], config["lora_alpha"]
+        scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+        state = load_peft_weights(path, device="cpu")
+        modules: dict[str, dict] = {}
+        for key, tensor in state.items():
+            prefix, dot, kind = key.rpartition(".lora_")
+            if not dot or kind not in ("A.weight", "B.weight") or not prefix.startswith("base_model.model."):
+                return None  # anything but lora_A / lora_B weights (DoRA magnitudes, biases, saved modules, ...)
+            modules.setdefault(prefix[len("base_model.model.") :], {})[kind[0]] = tensor
+        entries = []
+        for module_name, ab in modules.items():
+            try:
+                layer = model.get_submodule(module_name)
+            except AttributeError:
+                return None
+            weight = getattr(layer, "weight", None)
+            if type(layer) is not torch.nn.Linear or weight is None or weight.dtype not in (torch.float32, torch.float16):
+                return None
+            a, b = ab.get("A"), ab.get("B")
+            if a is None or b is None or a.shape != (r, layer.in_features) or b.shape != (layer.out_features, r):
+                return None
+            entries.append((weight, a.to(weight.device, torch.float32), b.to(weight.device, torch.float32), scaling))
+        deltas[name] = entries
+    return DirectLoraPair(model, deltas)
 
 
 @contextlib.contextmanager
-def attached_pair(model: PreTrainedModel, adapter_paths: dict[str, str] | None) -> Iterator[AttachedPair]:
-    """Load the adapters of `adapter_paths` (`{"plus": dir, "minus": dir}`, or None) on `model` in eval mode; on exit
-    unload them and restore the model as it was."""
+def attached_pair(model: PreTrainedModel, adapter_paths: dict[str, str] | None) -> Iterator:
+    """Put the adapters of `adapter_paths` (`{"plus": dir, "minus": dir}`, or None) on `model` in eval mode, yielding
+    an object whose `use(adapter)` gives the model of a pass; on exit restore the model as it was."""
     snapshot = ModelSnapshot(model)
     peft_model = None
     try:
-        if adapter_paths is not None:
-            from peft import PeftModel
-
-            peft_model = PeftModel.from_pretrained(model, adapter_paths["plus"], adapter_name="plus", is_trainable=False)
-            peft_model.load_adapter(adapter_paths["minus"], adapter_name="minus", is_trainable=False)
-            peft_model.eval()
         model.eval()
+        direct = direct_lora_pair(model, adapter_paths) if adapter_paths is not None else None
+        if direct is not None or adapter_paths is None:
+            yield direct or AttachedPair(model)
+            return
+        from peft import PeftModel
+
+        peft_model = PeftModel.from_pretrained(model, adapter_paths["plus"], adapter_name="plus", is_trainable=False)
+        peft_model.load_adapter(adapter_paths["minus"], adapter_name="minus", is_trainable=False)
+        peft_model.eval()
         yield AttachedPair(model, peft_model)
     finally:
         if peft_model is not None:
