@@ -44,6 +44,7 @@ Usage::
     python scripts/benchmark_speed.py --size tiny
     python scripts/benchmark_speed.py --size cpu --rounds 3 --write-docs
     python scripts/benchmark_speed.py --scaling --write-docs
+    python scripts/benchmark_speed.py --size cpu --only-estimator --write-docs   # estimator throughput and memory
     python scripts/benchmark_speed.py --size gpu --write-docs          # on a CUDA machine
 
 ``--write-docs`` replaces the matching part of the ``## Speed`` section of ``docs/benchmarks.md`` (and creates the
@@ -79,7 +80,7 @@ SCALING_TRAINERS = ("dpo", "tdpo2")
 SCALING_LENGTHS = (256, 512, 1024, 2048)
 ESTIMATOR_ROWS = ("forward-x2", "estimator-prompt", "estimator-adapters")
 # Peak memory of the estimator (fit + score, LoRA r16) next to the trainer that uses its weights (LoRA r16), same data
-MEMORY_ROWS = ("tisdpo-lora", "estimator-sft", "estimator-dpo")
+MEMORY_ROWS = ("tisdpo-lora", "tdpo2-lora", "estimator-sft", "estimator-dpo")
 
 # Targets of the issue: (max time ratio, max memory ratio) to DPO
 TARGETS = {
@@ -461,9 +462,10 @@ def run_estimator_worker(name: str, size: Size, warmup: int, steps: int, seed: i
 
 def run_memory_worker(name: str, size: Size, seed: int) -> dict:
     """Peak memory and time of one whole job on the benchmark data, LoRA r16 on every linear layer, TRL's default
-    gradient checkpointing: ``tisdpo-lora`` trains TIS-DPO (tis_kl_term "none", reference = adapters disabled) for
-    one optimizer step on the batch; ``estimator-sft`` / ``estimator-dpo`` run ``ContrastiveWeightEstimator.estimate``
-    (two adapters, one optimizer step each on the same batch, then scoring with the reference log-probs)."""
+    gradient checkpointing: ``tisdpo-lora`` trains TIS-DPO (tis_kl_term "none", the default: TRL's fused LM head;
+    reference = adapters disabled) and ``tdpo2-lora`` TDPO2 (this package's tiled kernel) for one optimizer step on
+    the batch; ``estimator-sft`` / ``estimator-dpo`` run ``ContrastiveWeightEstimator.estimate`` (two adapters, one
+    optimizer step each on the same batch, then scoring with the reference log-probs)."""
     import torch
     from peft import LoraConfig
 
@@ -482,12 +484,16 @@ def run_memory_worker(name: str, size: Size, seed: int) -> dict:
     else:
         setup = _rss_mib("VmRSS") or 0.0
     start, start_cpu = time.perf_counter(), time.process_time()
-    if name == "tisdpo-lora":
-        from trl_tokenpo import TISDPOConfig, TISDPOTrainer
+    if name.endswith("-lora"):
+        from trl_tokenpo import TDPOConfig, TDPOTrainer, TISDPOConfig, TISDPOTrainer
 
         lora = LoraConfig(task_type="CAUSAL_LM", r=16, lora_alpha=32, target_modules="all-linear")
-        trainer = TISDPOTrainer(model=model, args=TISDPOConfig(**common, max_length=None), peft_config=lora,
-                                train_dataset=with_random_weights(dataset, tokenizer, seed), processing_class=tokenizer)
+        if name == "tisdpo-lora":
+            trainer = TISDPOTrainer(model=model, args=TISDPOConfig(**common, max_length=None), peft_config=lora,
+                                    train_dataset=with_random_weights(dataset, tokenizer, seed), processing_class=tokenizer)
+        else:
+            trainer = TDPOTrainer(model=model, args=TDPOConfig(**common, max_length=None), peft_config=lora,
+                                  train_dataset=dataset, processing_class=tokenizer)
         trainer.train()
     else:
         from trl_tokenpo.estimator import ContrastiveWeightEstimator, WeightEstimatorConfig
@@ -649,9 +655,9 @@ def format_estimator_table(results: dict[str, list[dict]]) -> str:
 
 
 def format_memory_table(results: dict[str, list[dict]]) -> str:
-    """Peak memory of each job, and its ratio to the trainer's (``tisdpo-lora``) in the same round."""
+    """Peak memory of each job, and its ratio to the default TIS-DPO trainer's (``tisdpo-lora``) in the same round."""
     unit = "peak RSS" if results[MEMORY_ROWS[0]][0]["memory_kind"] == "rss" else "peak allocated"
-    lines = [f"| job | wall (s) | CPU (s) | {unit} (MiB) | peak / trainer | above setup (MiB) | above setup / trainer |",
+    lines = [f"| job | wall (s) | CPU (s) | {unit} (MiB) | peak / tisdpo-lora | above setup (MiB) | above setup / tisdpo-lora |",
              "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     base = results[MEMORY_ROWS[0]]
     for name, runs in results.items():
@@ -822,7 +828,8 @@ def main_estimator(args, size: Size, command: str, started: float) -> None:
             f"\n\n{header}\n\nMachine: {machine_description()}.\n\nToken scoring throughput (completion tokens per "
             "second, no gradient; the floor is two plain forward passes of the base model over the same tokens, "
             f"logits only):\n\n{throughput}\n\nPeak memory of a whole estimate (fit two LoRA r16 adapters one step "
-            "each, then score with reference log-probs) next to one TIS-DPO LoRA r16 training step on the same batch, "
+            "each, then score with reference log-probs) next to one LoRA r16 training step of TIS-DPO (default "
+            "`tis_kl_term='none'`: TRL's fused LM head) and of TDPO2 (this package's tiled kernel) on the same batch, "
             f"each in a fresh process:\n\n{memory}\n"
         )
         update_docs(f"estimator-{args.size}", body + (("\n" + args.notes + "\n") if args.notes else ""))

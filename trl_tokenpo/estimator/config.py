@@ -43,7 +43,8 @@ class WeightEstimatorConfig(TrainingArguments):
     adapters (methods `"sft"` and `"dpo"`) or the base model under two system prompts (method `"prompt"`).
 
     All [`~transformers.TrainingArguments`] apply to the training of the adapters (each adapter is trained by TRL's
-    [`~trl.SFTTrainer`] or [`~trl.DPOTrainer`] with a config built from these fields, writing under
+    [`~trl.SFTTrainer`], or for `"dpo"` by [`TDPOTrainer`] with `alpha=0`, which is exactly DPO's sigmoid loss computed
+    with this package's tiled kernel, with a config built from these fields, writing under
     `output_dir/train/<adapter>`). Defaults that differ from `TrainingArguments`:
 
     > - `learning_rate`, `num_train_epochs`, `weight_decay`: depend on `method` when left unset (see below).

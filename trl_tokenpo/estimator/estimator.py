@@ -85,8 +85,8 @@ class ContrastiveWeightEstimator:
     Estimates TIS-DPO token rewards `r_t = log pi_plus(y_t|s_t) - log pi_minus(y_t|s_t)` for every completion token.
 
     The pair `(pi_plus, pi_minus)` is built on one base model, as set by [`WeightEstimatorConfig.method`]: two LoRA
-    adapters trained with TRL's [`~trl.DPOTrainer`] (`"dpo"`: on the data, and on the data with chosen and rejected
-    swapped) or [`~trl.SFTTrainer`] (`"sft"`: on (prompt, chosen), and on (prompt, rejected)), or no training at all
+    adapters trained with DPO (`"dpo"`: on the data, and on the data with chosen and rejected swapped; the loss is
+    TRL's sigmoid DPO loss, computed by [`TDPOTrainer`] with `alpha=0` and its memory-bounded kernel) or [`~trl.SFTTrainer`] (`"sft"`: on (prompt, chosen), and on (prompt, rejected)), or no training at all
     (`"prompt"`: the base model with a positive and a negative system prompt). The scored completion tokens are always
     exactly the trainer's `chosen_ids` / `rejected_ids` (TRL's DPO tokenization without truncation, EOS or end-of-turn
     included), so the output feeds [`TISDPOTrainer`] directly.
@@ -221,8 +221,13 @@ class ContrastiveWeightEstimator:
             trained_adapters=self.stats.trained_adapters, cache_dir=str(store.directory), cache_key=key, cache_hit=True
         )
         values = None
-        for _ in range(3):  # a shard found damaged while reading is deleted and scored again
-            self._fill(store, dataset)
+        # Under torchrun each rank first scores its share (shard i on rank i % world_size), then every process scores
+        # whatever is still missing (left by another job on the same cache_dir, or found damaged while reading)
+        state = self.state
+        self._fill(store, dataset, [i for i in store.missing_shards() if i % state.num_processes == state.process_index])
+        state.wait_for_everyone()
+        for _ in range(3):
+            self._fill(store, dataset, store.missing_shards())
             try:
                 values = store.load_all()
                 break
@@ -271,18 +276,11 @@ class ContrastiveWeightEstimator:
         }
         return fingerprint(request), request
 
-    def _fill(self, store: ShardedScoreCache, dataset: Dataset) -> None:
-        """Score the shards `store` lacks. Under torchrun each rank first takes its share (shard `i` for rank
-        `i % world_size`); then, after a barrier, anything still missing (e.g. left by another job on the same
-        `cache_dir`). A shard held by another process is waited for, never scored twice at once."""
-        state = self.state
-        missing = store.missing_shards(verify=False)
-        share = [i for i in missing if i % state.num_processes == state.process_index]
-        work = _Work(self, store, dataset)
+    def _fill(self, store: ShardedScoreCache, dataset: Dataset, shards: Sequence[int]) -> None:
+        """Score the `shards` the store lacks; one held by another process is waited for, never scored twice at once."""
+        work = _Work(self, store, dataset, sum(len(store.shard_rows(i)) for i in shards))
         try:
-            work.run(share)
-            state.wait_for_everyone()
-            work.run(store.missing_shards(verify=False))
+            work.run(shards)
         finally:
             work.close()
 
@@ -371,8 +369,8 @@ class _Work:
     """The scoring work of one `_fill`: inputs tokenized and the pair loaded on first use, each shard scored under its
     lock and written, progress shown."""
 
-    def __init__(self, estimator: ContrastiveWeightEstimator, store: ShardedScoreCache, dataset: Dataset):
-        self.estimator, self.store, self.dataset = estimator, store, dataset
+    def __init__(self, estimator: ContrastiveWeightEstimator, store: ShardedScoreCache, dataset: Dataset, rows: int):
+        self.estimator, self.store, self.dataset, self.rows = estimator, store, dataset, rows
         self.resources = contextlib.ExitStack()
         self.inputs: ScoringInputs | None = None
 
@@ -382,7 +380,7 @@ class _Work:
         self.pair = self.resources.enter_context(attached_pair(est.model, est.adapter_paths))
         disable = bool(est.args.disable_tqdm) or not est.state.is_local_main_process
         self.bar = self.resources.enter_context(
-            tqdm(total=self.store.num_rows, unit="row", desc=f"Scoring tokens ({est.args.method})", disable=disable)
+            tqdm(total=self.rows, unit="row", desc=f"Scoring tokens ({est.args.method})", disable=disable)
         )
 
     def run(self, shards: Sequence[int]) -> None:

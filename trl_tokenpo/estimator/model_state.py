@@ -51,12 +51,13 @@ def strip_adapter_layers(model: torch.nn.Module) -> None:
 
 
 class ModelSnapshot:
-    """What TRL's trainers change on the base model, restored by :meth:`restore`: the instance `forward` (TRL patches a
-    fused LM head onto it), `requires_grad` of every parameter (PEFT freezes the base), the train/eval mode, gradient
-    checkpointing and `config.use_cache`."""
+    """What the trainers change on the base model, restored by :meth:`restore`: the instance `forward` (TRL and this
+    package patch a fused LM head onto it) and any other attribute set on the instance, `requires_grad` of every
+    parameter (PEFT freezes the base), the train/eval mode, gradient checkpointing and `config.use_cache`."""
 
     def __init__(self, model: PreTrainedModel):
         self.model = model
+        self.attributes = set(model.__dict__)
         self.forward = model.__dict__.get("forward", _MISSING)
         self.requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
         self.training = model.training
@@ -65,9 +66,9 @@ class ModelSnapshot:
 
     def restore(self) -> None:
         model = self.model
-        if self.forward is _MISSING:
-            model.__dict__.pop("forward", None)
-        else:
+        for name in set(model.__dict__) - self.attributes:  # e.g. the patched forward and its "already patched" flag
+            del model.__dict__[name]
+        if self.forward is not _MISSING:
             model.forward = self.forward
         for name, p in model.named_parameters():
             if name in self.requires_grad:

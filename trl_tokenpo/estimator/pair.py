@@ -258,16 +258,20 @@ def _trainer_config(config_class, args, name: str, **extra):
 def _train_adapter(model, processing_class, args, name: str, train_dataset: Dataset, target: Path, fit_key, state):
     """Train one adapter on the base model with TRL, save it to `target` (main process), take it out again."""
     from peft import LoraConfig
-    from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
+    from trl import SFTConfig, SFTTrainer
+
+    from ..trainer import TDPOConfig, TDPOTrainer
 
     tokenizer = getattr(processing_class, "tokenizer", processing_class)
     if args.method == "sft":
         config = _trainer_config(SFTConfig, args, name, completion_only_loss=True, packing=False)
         trainer_class, extra = SFTTrainer, {}
     else:
-        config = _trainer_config(DPOConfig, args, name, beta=args.beta)
+        # TDPO2 with alpha=0 is exactly DPO's sigmoid loss (a tested reduction), computed with the package's tiled
+        # kernel: no (tokens x vocabulary) tensor kept, unlike TRL's CPU fallback
+        config = _trainer_config(TDPOConfig, args, name, beta=args.beta, tdpo_variant="tdpo2", alpha=0.0)
         collator = _dpo_collator_class()(pad_token_id=tokenizer.pad_token_id, cut_length=args.max_length)
-        trainer_class, extra = DPOTrainer, {"data_collator": collator}
+        trainer_class, extra = TDPOTrainer, {"data_collator": collator}
     snapshot = ModelSnapshot(model)
     trainer = None
     try:
