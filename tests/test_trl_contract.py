@@ -24,8 +24,17 @@ def test_private_methods_and_signatures():
     assert DPOTrainer.loss_is_scaled_for_ga is False
     fields = {f for f in DataCollatorForPreference.__dataclass_fields__}
     assert {"pad_token_id", "max_length", "truncation_mode", "pad_to_multiple_of"} <= fields
+    # trl_tokenpo.data.tokenize_preference_dataset is built from the data_utils names and global_then_local_main_first
+    # (no private TRL method, no stand-in `self`)
+    from trl.data_utils import common_prefix_length, extract_prompt, is_conversational  # noqa: F401
     from trl.models.utils import disable_gradient_checkpointing  # noqa: F401
-    from trl.trainer.utils import add_fused_lm_head, maybe_gather_lm_head_ctx, pad, use_adapter  # noqa: F401
+    from trl.trainer.utils import (  # noqa: F401
+        add_fused_lm_head,
+        global_then_local_main_first,
+        maybe_gather_lm_head_ctx,
+        pad,
+        use_adapter,
+    )
 
     assert "outputs" in inspect.signature(add_fused_lm_head).parameters
 

@@ -41,13 +41,13 @@ class ScoringStats:
     (sequences whose context was cut on the left, sequences whose completion was cut, completion tokens that got the
     neutral reward 0.0 because they were cut or had no context token before them)."""
 
-    scored_shards: list[int] = field(default_factory=list)
-    scored_rows: int = 0
-    scored_tokens: int = 0
-    scoring_seconds: float = 0.0
-    context_truncated: int = 0
-    completion_truncated: int = 0
-    unscored_tokens: int = 0
+    scored_shards: list[int] = field(default_factory=list, metadata={"help": "Shards this process scored."})
+    scored_rows: int = field(default=0, metadata={"help": "Rows (pairs) in those shards."})
+    scored_tokens: int = field(default=0, metadata={"help": "Completion tokens scored (both sides)."})
+    scoring_seconds: float = field(default=0.0, metadata={"help": "Seconds spent scoring and writing shards."})
+    context_truncated: int = field(default=0, metadata={"help": "Sequences whose context was cut on the left."})
+    completion_truncated: int = field(default=0, metadata={"help": "Sequences whose completion was cut."})
+    unscored_tokens: int = field(default=0, metadata={"help": "Completion tokens given the neutral reward 0.0."})
 
     def add_cuts(self, other: ScoringStats) -> None:
         for name in ("context_truncated", "completion_truncated", "unscored_tokens"):
