@@ -46,6 +46,7 @@ Usage::
     python scripts/benchmark_speed.py --size tiny
     python scripts/benchmark_speed.py --size cpu --rounds 3 --write-docs
     python scripts/benchmark_speed.py --scaling --write-docs
+    python scripts/benchmark_speed.py --size cpu --only-estimator --write-docs   # estimator throughput and memory
     python scripts/benchmark_speed.py --size gpu --write-docs          # on a CUDA machine
     python scripts/benchmark_speed.py --size gpu --no-estimator --markdown outputs/gpu.md   # block to paste
 
@@ -81,6 +82,8 @@ TRAINERS = ("dpo", "tdpo1", "tdpo2", "tisdpo-none", "tisdpo-reverse", "tisdpo-td
 SCALING_TRAINERS = ("dpo", "tdpo2")
 SCALING_LENGTHS = (256, 512, 1024, 2048)
 ESTIMATOR_ROWS = ("forward-x2", "estimator-prompt", "estimator-adapters")
+# Peak memory of the estimator (fit + score, LoRA r16) next to the trainer that uses its weights (LoRA r16), same data
+MEMORY_ROWS = ("tisdpo-lora", "tdpo2-lora", "estimator-sft", "estimator-dpo")
 
 # Targets of the issue: (max time ratio, max memory ratio) to DPO
 TARGETS = {
@@ -468,10 +471,59 @@ def run_estimator_worker(name: str, size: Size, warmup: int, steps: int, seed: i
         "trainer": name, "status": "ok", "step_time_s": statistics.median(times), "step_times_s": times,
         "cpu_time_s": statistics.median(cpu_times), "tokens_per_s": completion_tokens / statistics.median(times),
         "tokens_per_cpu_s": completion_tokens / statistics.median(cpu_times), "scored_tokens": completion_tokens,
+        "peak_mib": _peak_rss_mib(),
     }
     if loop_rates:
         result["loop_tokens_per_s"] = statistics.median(loop_rates)
     return result
+
+
+def run_memory_worker(name: str, size: Size, seed: int) -> dict:
+    """Peak memory and time of one whole job on the benchmark data, LoRA r16 on every linear layer, TRL's default
+    gradient checkpointing: ``tisdpo-lora`` trains TIS-DPO (tis_kl_term "none", the default: TRL's fused LM head;
+    reference = adapters disabled) and ``tdpo2-lora`` TDPO2 (this package's tiled kernel) for one optimizer step on
+    the batch; ``estimator-sft`` / ``estimator-dpo`` run ``ContrastiveWeightEstimator.estimate`` (two adapters, one
+    optimizer step each on the same batch, then scoring with the reference log-probs)."""
+    import torch
+    from peft import LoraConfig
+
+    cuda = torch.cuda.is_available()
+    tokenizer = build_tokenizer(size.vocab_size)
+    model = build_model(size, tokenizer, seed)
+    dataset = build_dataset(size, seed)
+    workdir = tempfile.mkdtemp(prefix="benchmark-memory-")
+    common = dict(output_dir=workdir, use_cpu=not cuda, bf16=size.bf16 and cuda, report_to="none", disable_tqdm=True,
+                  per_device_train_batch_size=size.pairs, max_steps=1, logging_steps=10**6, save_strategy="no",
+                  seed=seed, dataloader_num_workers=0)  # fmt: skip
+    if cuda:
+        model.cuda()
+        setup = torch.cuda.memory_allocated() / 2**20
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        setup = _rss_mib("VmRSS") or 0.0
+    start, start_cpu = time.perf_counter(), time.process_time()
+    if name.endswith("-lora"):
+        from trl_tokenpo import TDPOConfig, TDPOTrainer, TISDPOConfig, TISDPOTrainer
+
+        lora = LoraConfig(task_type="CAUSAL_LM", r=16, lora_alpha=32, target_modules="all-linear")
+        if name == "tisdpo-lora":
+            trainer = TISDPOTrainer(model=model, args=TISDPOConfig(**common, max_length=None), peft_config=lora,
+                                    train_dataset=with_random_weights(dataset, tokenizer, seed), processing_class=tokenizer)
+        else:
+            trainer = TDPOTrainer(model=model, args=TDPOConfig(**common, max_length=None), peft_config=lora,
+                                  train_dataset=dataset, processing_class=tokenizer)
+        trainer.train()
+    else:
+        from trl_tokenpo.estimator import ContrastiveWeightEstimator, WeightEstimatorConfig
+
+        config = WeightEstimatorConfig(**common, method=name.split("-")[1], scoring_batch_size=size.pairs,
+                                       include_ref_logps=True)  # fmt: skip
+        ContrastiveWeightEstimator(model, tokenizer, config).estimate(dataset)
+    _synchronize()
+    wall, cpu_time = time.perf_counter() - start, time.process_time() - start_cpu
+    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else _peak_rss_mib()
+    return {"trainer": name, "status": "ok", "step_time_s": wall, "cpu_time_s": cpu_time, "peak_mib": peak,
+            "setup_mib": setup, "above_setup_mib": peak - setup, "memory_kind": "cuda_max_allocated" if cuda else "rss"}
 
 
 def worker_main(args) -> None:
@@ -484,6 +536,8 @@ def worker_main(args) -> None:
         size = dataclasses.replace(size, seq_len=args.seq_len)
     if args.worker in ESTIMATOR_ROWS:
         result = run_estimator_worker(args.worker, size, args.warmup, args.steps, args.seed)
+    elif args.worker in MEMORY_ROWS:
+        result = run_memory_worker(args.worker, size, args.seed)
     else:
         result = run_trainer_worker(args.worker, size, args.warmup, args.steps, args.seed)
     result["seq_len"] = size.seq_len
@@ -593,15 +647,15 @@ def format_main_table(rows: list[dict]) -> str:
 def format_estimator_table(results: dict[str, list[dict]]) -> str:
     lines = [
         "| scorer | wall (s) | tokens/s (wall) | vs. floor | CPU (s) | tokens/CPU-s | vs. floor | scoring loop only, "
-        "tokens/s | target |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "tokens/s | peak (MiB) | target |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     floor = results.get("forward-x2", [])
     floor_rate = _median([r.get("tokens_per_s") for r in floor])
     floor_cpu_rate = _median([r.get("tokens_per_cpu_s") for r in floor])
     for name, runs in results.items():
         if any(r.get("status") != "ok" for r in runs):
-            lines.append(f"| {name} | TODO | TODO | TODO | TODO | TODO | TODO | TODO | {runs[0].get('reason', '')} |")
+            lines.append(f"| {name} | TODO | TODO | TODO | TODO | TODO | TODO | TODO | TODO | {runs[0].get('reason', '')} |")
             continue
         rate = _median([r["tokens_per_s"] for r in runs])
         cpu_rate = _median([r["tokens_per_cpu_s"] for r in runs])
@@ -613,7 +667,24 @@ def format_estimator_table(results: dict[str, list[dict]]) -> str:
         lines.append(
             f"| {name} | {_median([r['step_time_s'] for r in runs]):.3f} | {rate:.0f} | {rate / floor_rate:.2f}x | "
             f"{_median([r['cpu_time_s'] for r in runs]):.3f} | {cpu_rate:.0f} | {cpu_rate / floor_cpu_rate:.2f}x | "
-            f"{'' if math.isnan(loop) else f'{loop:.0f}'} | {target} |"
+            f"{'' if math.isnan(loop) else f'{loop:.0f}'} | {_median([r.get('peak_mib') for r in runs]):.0f} | {target} |"
+        )
+    return "\n".join(lines)
+
+
+def format_memory_table(results: dict[str, list[dict]]) -> str:
+    """Peak memory of each job, and its ratio to the default TIS-DPO trainer's (``tisdpo-lora``) in the same round."""
+    unit = "peak RSS" if results[MEMORY_ROWS[0]][0]["memory_kind"] == "rss" else "peak allocated"
+    lines = [f"| job | wall (s) | CPU (s) | {unit} (MiB) | peak / tisdpo-lora | above setup (MiB) | above setup / tisdpo-lora |",
+             "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    base = results[MEMORY_ROWS[0]]
+    for name, runs in results.items():
+        ratio = _median([r["peak_mib"] / b["peak_mib"] for r, b in zip(runs, base)])
+        above = _median([r["above_setup_mib"] / b["above_setup_mib"] for r, b in zip(runs, base)])
+        lines.append(
+            f"| {name} | {_median([r['step_time_s'] for r in runs]):.1f} | {_median([r['cpu_time_s'] for r in runs]):.1f} "
+            f"| {_median([r['peak_mib'] for r in runs]):.0f} | {ratio:.2f}x | "
+            f"{_median([r['above_setup_mib'] for r in runs]):.0f} | {above:.2f}x |"
         )
     return "\n".join(lines)
 
@@ -731,6 +802,9 @@ def main_parent(args) -> None:
         return
 
     size = SIZES[args.size]
+    if args.only_estimator:
+        main_estimator(args, size, command, started)
+        return
     results = run_rounds(args.trainers, args)
     rows = summarize(results)
     table = format_main_table(rows)
@@ -765,6 +839,26 @@ def main_parent(args) -> None:
         update_docs(f"main-{args.size}", body)
 
 
+def main_estimator(args, size: Size, command: str, started: float) -> None:
+    """``--only-estimator``: the scoring throughput table and the estimator's peak memory next to the trainer's."""
+    throughput = format_estimator_table(run_rounds(ESTIMATOR_ROWS, args, label="estimator "))
+    memory = format_memory_table(run_rounds(MEMORY_ROWS, args, label="memory "))
+    header = (f"Model: {size.describe()}; {args.rounds} rounds, {args.warmup} warm-up + {args.steps} timed calls per "
+              f"scorer, {args.threads} torch thread(s) per worker.")
+    print(f"\n{header}\n\n{throughput}\n\n{memory}")
+    if args.write_docs:
+        body = (
+            f"### Weight estimator, `--size {args.size}`\n\nCommand: `{command}` ({time.perf_counter() - started:.0f} s)."
+            f"\n\n{header}\n\nMachine: {machine_description()}.\n\nToken scoring throughput (completion tokens per "
+            "second, no gradient; the floor is two plain forward passes of the base model over the same tokens, "
+            f"logits only):\n\n{throughput}\n\nPeak memory of a whole estimate (fit two LoRA r16 adapters one step "
+            "each, then score with reference log-probs) next to one LoRA r16 training step of TIS-DPO (default "
+            "`tis_kl_term='none'`: TRL's fused LM head) and of TDPO2 (this package's tiled kernel) on the same batch, "
+            f"each in a fresh process:\n\n{memory}\n"
+        )
+        update_docs(f"estimator-{args.size}", body + (("\n" + args.notes + "\n") if args.notes else ""))
+
+
 def _cuda_available() -> bool:
     try:
         import torch
@@ -790,6 +884,8 @@ def parse_args(argv=None):
         "else the number of cores).",
     )
     parser.add_argument("--no-estimator", action="store_true", help="Skip the token-scoring throughput rows.")
+    parser.add_argument("--only-estimator", action="store_true",
+                        help="Only the estimator: scoring throughput and peak memory next to a LoRA trainer.")
     parser.add_argument("--write-docs", action="store_true", help="Update the ## Speed section of docs/benchmarks.md.")
     parser.add_argument("--notes", default="", help="Free text appended under the table in the docs (e.g. load).")
     parser.add_argument("--markdown", default=None,

@@ -89,29 +89,13 @@ def _kbit_device_map(state):
     return {"": state.local_process_index} if torch.cuda.is_available() else {"": "cpu"}
 
 
-def load_preference_dataset(script_args):
-    """A split of a hub / local dataset, or a dataset saved with `save_to_disk`."""
-    from datasets import DatasetDict, load_dataset, load_from_disk
-
-    name = script_args.dataset_name
-    if name is None:
-        raise ValueError("--dataset_name is required (a hub id, a local dataset, or a save_to_disk directory).")
-    saved = os.path.isdir(name) and any(
-        os.path.isfile(os.path.join(name, marker))
-        for marker in ("dataset_info.json", "state.json", "dataset_dict.json")
-    )
-    dataset = load_from_disk(name) if saved else load_dataset(name, name=script_args.dataset_config)
-    if isinstance(dataset, DatasetDict):
-        dataset = dataset[script_args.dataset_train_split]
-    return dataset
-
-
 def main(script_args, model_args, estimator_args, output_args):
     import torch
     from accelerate import PartialState
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import ModelConfig, get_quantization_config
 
+    from trl_tokenpo.cli import load_user_datasets
     from trl_tokenpo.estimator import ContrastiveWeightEstimator
     from trl_tokenpo.viz import examples_from_dataset, save_token_heatmap
 
@@ -129,7 +113,7 @@ def main(script_args, model_args, estimator_args, output_args):
         device_map=_kbit_device_map(PartialState()) if quantization_config is not None else None,
     )
     tokenizer = AutoTokenizer.from_pretrained(model_config.model_name_or_path, revision=model_config.model_revision)
-    dataset = load_preference_dataset(script_args)
+    dataset, _ = load_user_datasets(script_args, None, with_eval=False)
 
     estimator = ContrastiveWeightEstimator(model, tokenizer, args=estimator_args)
     weighted = estimator.estimate(dataset)
@@ -149,9 +133,10 @@ def main(script_args, model_args, estimator_args, output_args):
             print(f"Token reward heat map of {count} examples written to {heatmap_path}")
         stats = estimator.stats
         print(
-            f"Adapters: {estimator.adapter_paths or 'none (prompt method)'}; score cache: {stats.get('cache_dir')} "
-            f"({'hit' if stats.get('cache_hit') else 'computed'})"
+            f"Adapters: {estimator.adapter_paths or 'none (prompt method)'}; score cache: {stats.cache_dir} "
+            f"({'hit' if stats.cache_hit else 'computed'})"
         )
+        print(f"Separation: {stats.separation.describe()}" + ("" if stats.separation.separated else " (NO SEPARATION)"))
     state.wait_for_everyone()
 
 

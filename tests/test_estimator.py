@@ -15,8 +15,16 @@ from conftest import build_model, build_tokenizer, cpu_args, preference_rows
 from datasets import Dataset, load_from_disk
 
 from trl_tokenpo.data import tokenize_preference_dataset
-from trl_tokenpo.estimator import ContrastiveWeightEstimator, WeightEstimatorConfig
-from trl_tokenpo.estimator.estimator import REF_COLUMNS, REWARD_COLUMNS
+from trl_tokenpo.estimator import (
+    REF_COLUMNS,
+    REWARD_COLUMNS,
+    ContrastiveWeightEstimator,
+    ShardedScoreCache,
+    WeightEstimatorConfig,
+    model_state,
+    pair,
+)
+from trl_tokenpo.estimator import estimator as estimator_module
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,25 +60,30 @@ def dense_logps(model, context, completion):
     return logps[len(context) - 1 :]
 
 
-def forbid(monkeypatch, *names):
+def forbid(monkeypatch, *steps):
+    """Make the named steps fail: "train" (adapter training), "score" (scoring a shard), "tokenize"."""
+
     def boom(*args, **kwargs):
         raise AssertionError("must not run (cache hit expected)")
 
-    for name in names:
-        monkeypatch.setattr(ContrastiveWeightEstimator, name, boom)
+    targets = {"train": (pair, "_train_adapter"), "score": (ContrastiveWeightEstimator, "_score_shard"),
+               "tokenize": (ContrastiveWeightEstimator, "tokenize")}  # fmt: skip
+    for step in steps:
+        monkeypatch.setattr(*targets[step], boom)
 
 
 def count_scored_shards(monkeypatch, fail_after: int | None = None):
+    """The shards written to the score store, in order; with `fail_after`, a crash before writing the next one."""
     calls = []
-    original = ContrastiveWeightEstimator._score_shard
+    original = ShardedScoreCache.write_shard
 
-    def wrapper(self, cache, shard, *args, **kwargs):
+    def wrapper(self, shard, columns):
         if fail_after is not None and len(calls) >= fail_after:
             raise KeyboardInterrupt("simulated crash")
         calls.append(shard)
-        return original(self, cache, shard, *args, **kwargs)
+        return original(self, shard, columns)
 
-    monkeypatch.setattr(ContrastiveWeightEstimator, "_score_shard", wrapper)
+    monkeypatch.setattr(ShardedScoreCache, "write_shard", wrapper)
     return calls
 
 
@@ -201,40 +214,45 @@ def test_swapping_the_adapters_negates_the_rewards(fitted_dpo, tmp_path):
             np.testing.assert_allclose(a, -np.asarray(b), atol=1e-6)
 
 
-def test_merged_adapter_passes_equal_unmerged_ones_and_restore_the_weights_exactly(fitted_dpo, tmp_path, monkeypatch):
-    """sft / dpo score each shard with an adapter merged into the float32 base weights; the scores equal those of the
-    unmerged adapters, the weights come back bit for bit and the base fingerprint (hence the cache key) is kept."""
-    from trl_tokenpo.estimator import estimator as module
-    from trl_tokenpo.estimator.cache import fingerprint_base_model
+def test_the_three_adapter_paths_agree_and_restore_the_weights_exactly(fitted_dpo, tmp_path, monkeypatch):
+    """Plain LoRA adapters are added to the float32 base weights for each pass without PEFT layers (the default); PEFT
+    merged and PEFT unmerged adapters are the fallbacks. All three give the same scores, the weights come back bit
+    for bit and the base fingerprint (hence the cache key) is kept."""
+    from trl_tokenpo.fingerprint import fingerprint_base_model
 
     estimator, dataset, result, _ = fitted_dpo
     model = estimator.model
     before = {n: t.detach().clone() for n, t in model.state_dict().items()}
     digest = estimator.base_model_fingerprint()
     used = []
-    original = module._merge_backup
+    original = model_state.direct_lora_pair
 
-    def spy(peft_model):
-        backup = original(peft_model)
-        used.append(backup is not None)
-        return backup
+    def spy(*args):
+        pair = original(*args)
+        used.append(pair is not None)
+        return pair
 
-    monkeypatch.setattr(module, "_merge_backup", spy)
-    monkeypatch.setattr(estimator.args, "cache_dir", str(tmp_path / "merged"))
-    merged = estimator.score(dataset)
-    assert used == [True] and not estimator.stats["cache_hit"]
-    after = model.state_dict()
-    assert after.keys() == before.keys() and all(torch.equal(after[n], t) for n, t in before.items())
-    assert estimator.base_model_fingerprint() == digest == fingerprint_base_model(model)
-
-    monkeypatch.setattr(module, "_merge_backup", lambda peft_model: None)
-    monkeypatch.setattr(estimator.args, "cache_dir", str(tmp_path / "unmerged"))
-    unmerged = estimator.score(dataset)
+    scores = {}
+    for path in ("direct", "peft-merged", "peft-unmerged"):
+        if path == "direct":
+            monkeypatch.setattr(model_state, "direct_lora_pair", spy)
+        else:
+            monkeypatch.setattr(model_state, "direct_lora_pair", lambda *args: None)
+        if path == "peft-unmerged":
+            monkeypatch.setattr(model_state, "merge_backup", lambda peft_model: None)
+        monkeypatch.setattr(estimator.args, "cache_dir", str(tmp_path / path))
+        scores[path] = estimator.score(dataset)
+        assert not estimator.stats["cache_hit"]
+        after = model.state_dict()
+        assert after.keys() == before.keys() and all(torch.equal(after[n], t) for n, t in before.items()), path
+        assert estimator.base_model_fingerprint() == digest == fingerprint_base_model(model)
+    assert used == [True]
     largest = 0.0
     for column in REWARD_COLUMNS + REF_COLUMNS:
-        for a, b, c in zip(merged[column], unmerged[column], result[column]):
-            np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+        for a, b, c, d in zip(*(scores[p][column] for p in scores), result[column]):
+            np.testing.assert_array_equal(a, b)  # the same merge arithmetic as PEFT's: bit-identical
             np.testing.assert_allclose(a, c, atol=1e-5, rtol=0)
+            np.testing.assert_array_equal(a, d)
             largest = max(largest, float(np.abs(np.asarray(a)).max(initial=0.0)))
     assert largest > 1e-2
 
@@ -243,15 +261,43 @@ def test_merging_is_only_used_for_plain_float32_or_float16_lora_layers(tiny):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from trl_tokenpo.estimator.estimator import _merge_backup
-
     for dtype, expected in ((torch.float32, True), (torch.float16, True), (torch.bfloat16, False)):
         model = AutoModelForCausalLM.from_pretrained(tiny, dtype=dtype)
         peft_model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=2, target_modules="all-linear"))
-        backup = _merge_backup(peft_model)
+        backup = model_state.merge_backup(peft_model)
         assert (backup is not None) == expected
         if backup:
             assert all(saved.device.type == "cpu" and torch.equal(saved, p.cpu()) for p, saved in backup)
+
+
+@pytest.mark.parametrize(
+    "dtype, lora, direct",
+    [(torch.float32, {}, True), (torch.float16, {"use_rslora": True}, True), (torch.bfloat16, {}, False),
+     (torch.float32, {"use_dora": True}, False), (torch.float32, {"modules_to_save": ["lm_head"]}, False),
+     (torch.float32, {"rank_pattern": {"q_proj": 4}}, False)],
+)  # fmt: skip
+def test_the_direct_path_takes_plain_lora_on_float32_or_float16_linear_layers_only(dtype, lora, direct, tiny, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    paths = {}
+    for name in ("plus", "minus"):
+        model = AutoModelForCausalLM.from_pretrained(tiny, dtype=dtype)
+        config = LoraConfig(task_type="CAUSAL_LM", r=2, target_modules="all-linear", init_lora_weights=False, **lora)
+        get_peft_model(model, config).save_pretrained(tmp_path / name)
+        paths[name] = str(tmp_path / name)
+    model = AutoModelForCausalLM.from_pretrained(tiny, dtype=dtype)
+    pair = model_state.direct_lora_pair(model, paths)
+    assert (pair is not None) == direct
+    if pair is not None:  # the weights a pass sees are PEFT's merged weights, and come back afterwards
+        from peft import PeftModel
+
+        before = {n: t.clone() for n, t in model.state_dict().items()}
+        reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny, dtype=dtype), paths["minus"])
+        merged = reference.merge_and_unload().state_dict()
+        with pair.use("minus") as used:
+            assert all(torch.equal(used.state_dict()[n], merged[n]) for n in before)
+        assert all(torch.equal(model.state_dict()[n], t) for n, t in before.items())
 
 
 @pytest.mark.parametrize("kind", ["standard", "conversational", "implicit"])
@@ -285,7 +331,7 @@ def test_output_lengths_equal_the_trainer_tokenization(kind, tiny, tmp_path):
 def test_prompt_method_trains_nothing_and_scores_the_trainer_completions(conversational, tiny, tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    forbid(monkeypatch, "_train_adapter")
+    forbid(monkeypatch, "train")
     tokenizer = AutoTokenizer.from_pretrained(tiny)
     data = preference_rows(4)
     if conversational:
@@ -299,13 +345,13 @@ def test_prompt_method_trains_nothing_and_scores_the_trainer_completions(convers
         ]
     dataset = Dataset.from_list(data)
     seen = []
-    original = ContrastiveWeightEstimator._build_batch
+    original = estimator_module.plan_batches
 
-    def record(self, contexts, completions, count):
-        seen.append((list(map(list, contexts)), list(map(list, completions))))
-        return original(self, contexts, completions, count)
+    def record(contexts, completions, order, *args):
+        seen.append(([list(contexts[k]) for k in order], [list(completions[k]) for k in order]))
+        return original(contexts, completions, order, *args)
 
-    monkeypatch.setattr(ContrastiveWeightEstimator, "_build_batch", record)
+    monkeypatch.setattr(estimator_module, "plan_batches", record)
     args = estimator_args(tmp_path, scoring_batch_size=8, cache_shard_size=8, system_prompt_pair="helpful")
     estimator = ContrastiveWeightEstimator(tiny, tokenizer, args)
     result = estimator.estimate(dataset)
@@ -386,7 +432,7 @@ def test_the_output_trains_a_tisdpo_trainer(fitted_dpo, tiny, tmp_path):
 
 def test_second_estimate_trains_and_scores_nothing(fitted_dpo, monkeypatch):
     estimator, dataset, result, _ = fitted_dpo
-    forbid(monkeypatch, "_train_adapter", "_score_shard", "tokenize")
+    forbid(monkeypatch, "train", "score", "tokenize")
     again = estimator.estimate(dataset)
     assert estimator.stats["cache_hit"] and estimator.stats["trained_adapters"] == []
     assert rows(again, REWARD_COLUMNS + REF_COLUMNS) == rows(result, REWARD_COLUMNS + REF_COLUMNS)

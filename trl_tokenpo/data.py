@@ -8,16 +8,18 @@ the same `max_length` truncation slice, zeros on the padding.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
 import torch
 from datasets import Dataset, IterableDataset
-from trl.trainer.dpo_trainer import DataCollatorForPreference, DPOTrainer
-from trl.trainer.utils import pad
+from trl.data_utils import common_prefix_length, extract_prompt, is_conversational
+from trl.trainer.dpo_trainer import DataCollatorForPreference
+from trl.trainer.utils import global_then_local_main_first, pad
 
 
 ESTIMATOR_HINT = (
@@ -27,6 +29,13 @@ ESTIMATOR_HINT = (
 
 
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+# The per-token columns of the package: rewards written by the estimator (the trainer turns them into weights), and
+# the base model's per-token log-probabilities it can write next to them.
+REWARD_COLUMNS = ("chosen_token_rewards", "rejected_token_rewards")
+REF_LOGPS_COLUMNS = ("chosen_ref_logps", "rejected_ref_logps")
+# Columns the preference tokenization reads besides prompt / chosen / rejected.
+EXTRA_INPUT_COLUMNS = ("tools", "chat_template_kwargs")
 
 
 class TokenColumnError(ValueError):
@@ -79,26 +88,9 @@ class DataCollatorForTokenPreference(DataCollatorForPreference):
             rows = []
             for side, name in (("chosen", column.chosen), ("rejected", column.rejected)):
                 for index, example in enumerate(examples):
-                    values = example.get(name)
-                    if values is None:
-                        raise TokenColumnError(
-                            f"A batch example has no `{name}` column (example {index} of the batch). {ESTIMATOR_HINT}"
-                        )
-                    values = torch.as_tensor(values, dtype=torch.float32)
-                    ids = example[f"{side}_ids"]
-                    if values.numel() != len(ids):
-                        raise TokenColumnError(
-                            f"Column `{name}` has {values.numel()} values but the tokenized completion has {len(ids)} "
-                            f"tokens (example {index} of the batch). The values were probably computed with another "
-                            "tokenizer or chat template."
-                        )
-                    if not torch.isfinite(values).all():
-                        raise TokenColumnError(f"Column `{name}` holds NaN or inf values (example {index} of the batch).")
-                    if not column.allow_negative and (values < 0).any():
-                        raise TokenColumnError(
-                            f"Column `{name}` holds negative weights (example {index} of the batch); importance "
-                            "weights must be >= 0."
-                        )
+                    where = f"Column `{name}` (example {index} of the batch)"
+                    values = check_token_values(example.get(name), len(example[f"{side}_ids"]), where, side,
+                                                column.allow_negative)  # fmt: skip
                     if column.transform is not None:
                         values = column.transform(values, side)
                     rows.append(torch.cat([values.new_zeros(len(example["prompt_ids"])), values]))
@@ -149,25 +141,38 @@ def validate_token_columns(
         for i in range(len(batch["chosen_ids"])):
             for side, name in (("chosen", chosen_column), ("rejected", rejected_column)):
                 source_row = source_rows[row + i] if source_rows is not None else row + i
-                _check_row(batch[name][i], batch[f"{side}_ids"][i], dataset_name, source_row, name, side, allow_negative)
+                where = f"{dataset_name} dataset, row {source_row}, column `{name}`"
+                check_token_values(batch[name][i], len(batch[f"{side}_ids"][i]), where, side, allow_negative)
         row += len(batch["chosen_ids"])
 
 
-def _check_row(values, ids, dataset_name, row, name, side, allow_negative):
-    where = f"{dataset_name} dataset, row {row}, column `{name}`"
+def check_token_values(values, num_tokens: int, where: str, side: str, allow_negative: bool) -> torch.Tensor:
+    """`values` (one number per token of a tokenized completion of `num_tokens` tokens) as a float32 tensor, after
+    checking them: a [`TokenColumnError`] starting with `where` names the problem and the token."""
     if values is None:
         raise TokenColumnError(f"{where}: the value is missing (None). {ESTIMATOR_HINT}")
-    if not isinstance(values, (list, tuple)):
+    if isinstance(values, torch.Tensor):
+        values = values.tolist()
+    if not isinstance(values, (list, tuple, np.ndarray)):
         raise TokenColumnError(f"{where}: expected a list of floats, one per completion token; got {type(values).__name__}.")
-    if len(values) != len(ids):
+    if len(values) != num_tokens:
         raise TokenColumnError(
-            f"{where}: {len(values)} values, but the tokenized {side} completion has {len(ids)} tokens "
+            f"{where}: {len(values)} values, but the tokenized {side} completion has {num_tokens} tokens "
             f"(`{side}_ids`, EOS / end-of-turn included). The values were probably computed with another tokenizer or "
             "chat template, or without the EOS token TRL appends. Recompute them from the same processing class, "
             "e.g. with `ContrastiveWeightEstimator.estimate`."
         )
-    for position, value in enumerate(values):
-        if value is None or not isinstance(value, (int, float)) or isinstance(value, bool):
+    try:
+        array = np.asarray(values)
+    except ValueError:  # ragged nesting
+        array = np.asarray([], dtype=object)
+    numeric = array.ndim == 1 and array.dtype.kind in "fi" and not any(isinstance(v, (bool, np.bool_)) for v in values)
+    if numeric:
+        array = array.astype(np.float64)
+        if np.isfinite(array).all() and (np.abs(array) <= FLOAT32_MAX).all() and (allow_negative or (array >= 0).all()):
+            return torch.from_numpy(array).to(torch.float32)
+    for position, value in enumerate(values):  # find the first bad value for the message
+        if value is None or not isinstance(value, (int, float, np.floating, np.integer)) or isinstance(value, bool):
             raise TokenColumnError(f"{where}, token {position}: expected a float, got {value!r}.")
         if not math.isfinite(value):
             raise TokenColumnError(f"{where}, token {position}: value {value} is not finite. Fix or drop this row.")
@@ -181,13 +186,7 @@ def _check_row(values, ids, dataset_name, row, name, side, allow_negative):
                 f"{where}, token {position}: weight {value} is negative; importance weights must be >= 0. If these are "
                 "token rewards, put them in `chosen_token_rewards` / `rejected_token_rewards` instead."
             )
-
-
-class _TokenizerHolder:
-    """The one attribute `DPOTrainer._prepare_dataset` reads from `self`."""
-
-    def __init__(self, tokenizer):
-        self._tokenizer = tokenizer
+    raise TokenColumnError(f"{where}: expected a flat list of floats.")  # pragma: no cover - caught above
 
 
 def tokenize_preference_dataset(
@@ -198,13 +197,14 @@ def tokenize_preference_dataset(
     num_proc: int | None = None,
     dataset_name: str = "train",
 ) -> Dataset | IterableDataset:
-    """Tokenize a preference dataset exactly as `trl.DPOTrainer` does (prompt extraction, EOS for standard data, chat
-    template for conversational data), adding `prompt_ids`, `chosen_ids` and `rejected_ids`.
+    """Tokenize a preference dataset as `trl.DPOTrainer` does, adding `prompt_ids`, `chosen_ids` and `rejected_ids`:
+    implicit prompts are extracted, standard data gets the EOS text appended to both completions, conversational data
+    goes through the chat template (with the row's `tools` and `chat_template_kwargs`), and a completion starts where
+    the tokenized prompt and prompt + completion diverge. With a `max_length` and `truncation_mode="keep_start"` the
+    rows whose prompt alone fills `max_length` are dropped, as the trainer drops them; otherwise no row is dropped.
 
-    This calls TRL's own (private) `DPOTrainer._prepare_dataset`, so the ids are the trainer's ids by construction;
-    `tests/test_trl_contract.py` checks that the method still behaves as expected. With `max_length=None` (the default)
-    no row is dropped; with a `max_length` and `truncation_mode="keep_start"` TRL drops the rows whose prompt alone
-    fills `max_length`, as the trainer would.
+    Written with TRL's public data utilities; `tests/test_trl_contract.py` checks that the ids equal those of a
+    `DPOTrainer` on standard, conversational and implicit-prompt data.
 
     Args:
         dataset: any TRL preference dataset (standard or conversational, explicit or implicit prompt).
@@ -215,5 +215,51 @@ def tokenize_preference_dataset(
     tokenizer = getattr(processing_class, "tokenizer", processing_class)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    args = SimpleNamespace(max_length=max_length, truncation_mode=truncation_mode, dataset_num_proc=num_proc)
-    return DPOTrainer._prepare_dataset(_TokenizerHolder(tokenizer), dataset, processing_class, args, dataset_name)
+    map_kwargs = {"num_proc": num_proc, "desc": f"Tokenizing the {dataset_name} dataset"} if isinstance(dataset, Dataset) else {}
+    with global_then_local_main_first():
+        dataset = dataset.map(tokenize_preference_example, fn_kwargs={"processing_class": processing_class}, **map_kwargs)
+        if max_length is not None and truncation_mode == "keep_start":
+            map_kwargs.pop("desc", None)
+            dataset = dataset.filter(lambda example: len(example["prompt_ids"]) < max_length, **map_kwargs)
+    return dataset
+
+
+def tokenize_preference_example(example: dict, processing_class) -> dict:
+    """One row of [`tokenize_preference_dataset`]: `prompt` / `chosen` / `rejected` as the trainer sees them (prompt
+    extracted, EOS text appended to standard completions) and their `prompt_ids` / `chosen_ids` / `rejected_ids`."""
+    if "prompt" not in example:
+        example = {**example, **extract_prompt(example)}
+    if not is_conversational(example):
+        eos = getattr(processing_class, "tokenizer", processing_class).eos_token
+        example = dict(example)
+        for side in ("chosen", "rejected"):
+            if not example[side].endswith(eos):
+                example[side] += eos
+    return {key: example[key] for key in ("prompt", "chosen", "rejected")} | _tokenize_pair(example, processing_class)
+
+
+def _token_ids(processing_class, value, **chat_template_kwargs) -> list[int]:
+    if isinstance(value, list):  # conversational
+        result = processing_class.apply_chat_template(value, tokenize=True, return_dict=True, **chat_template_kwargs)
+    else:
+        result = processing_class(text=value)
+    ids = result["input_ids"]
+    return ids[0] if ids and isinstance(ids[0], list) else ids  # processors keep a batch dimension
+
+
+def _tokenize_pair(example: dict, processing_class) -> dict:
+    tools = example.get("tools")
+    kwargs = {}
+    if is_conversational(example):
+        tools = json.loads(tools) if isinstance(tools, str) else tools
+        kwargs = {"tools": tools, **(example.get("chat_template_kwargs") or {})}
+        prompt_ids = _token_ids(processing_class, example["prompt"], add_generation_prompt=True, **kwargs)
+    else:
+        prompt_ids = _token_ids(processing_class, example["prompt"])
+    full = {side: _token_ids(processing_class, example["prompt"] + example[side], **kwargs) for side in ("chosen", "rejected")}
+    prompt_length = min(common_prefix_length(prompt_ids, ids) for ids in full.values())
+    return {
+        "prompt_ids": prompt_ids[:prompt_length],
+        "chosen_ids": full["chosen"][prompt_length:],
+        "rejected_ids": full["rejected"][prompt_length:],
+    }

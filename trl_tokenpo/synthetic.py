@@ -31,7 +31,6 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import re
@@ -44,6 +43,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from .fingerprint import fingerprint, jsonable
 
 
 __all__ = [
@@ -336,8 +337,7 @@ class SyntheticTaskConfig:
 
 def task_cache_key(config: SyntheticTaskConfig) -> str:
     """A short stable hash of the config (and of the task format version), used to name cache directories."""
-    payload = json.dumps({"version": TASK_FORMAT_VERSION, **config.to_dict()}, sort_keys=True)
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+    return fingerprint("synthetic-task", TASK_FORMAT_VERSION, jsonable(config.to_dict()))[:16]
 
 
 @dataclass

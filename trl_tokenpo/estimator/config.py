@@ -43,13 +43,16 @@ class WeightEstimatorConfig(TrainingArguments):
     adapters (methods `"sft"` and `"dpo"`) or the base model under two system prompts (method `"prompt"`).
 
     All [`~transformers.TrainingArguments`] apply to the training of the adapters (each adapter is trained by TRL's
-    [`~trl.SFTTrainer`] or [`~trl.DPOTrainer`] with a config built from these fields, writing under
+    [`~trl.SFTTrainer`], or for `"dpo"` by [`TDPOTrainer`] with `alpha=0`, which is exactly DPO's sigmoid loss computed
+    with this package's tiled kernel, with a config built from these fields, writing under
     `output_dir/train/<adapter>`). Defaults that differ from `TrainingArguments`:
 
     > - `learning_rate`, `num_train_epochs`, `weight_decay`: depend on `method` when left unset (see below).
     > - `logging_steps`: `10` instead of `500`.
     > - `bf16`: `True` only when a CUDA device with bfloat16 support is used (never on CPU), instead of `False`.
     > - `save_strategy`: `"no"` instead of `"steps"` (the estimator saves the adapters itself).
+    > - `gradient_checkpointing`: `True` instead of `False`, as in TRL's `SFTConfig` / `DPOConfig` (the adapter
+    >   training then needs no more activation memory than the trainer that uses the weights).
 
     Parameters:
         > Contrastive pair
@@ -203,6 +206,13 @@ class WeightEstimatorConfig(TrainingArguments):
         metadata={
             "help": "Train the adapters in bf16 mixed precision. Defaults to True only on a CUDA device that supports "
             "bfloat16 (never on CPU or with fp16)."
+        },
+    )
+    gradient_checkpointing: bool = field(
+        default=True,
+        metadata={
+            "help": "Gradient checkpointing during the adapter training (TRL's default): less activation memory, about "
+            "30% more compute."
         },
     )
     save_strategy: str = field(

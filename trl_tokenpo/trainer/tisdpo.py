@@ -10,19 +10,24 @@ import torch
 from accelerate.logging import get_logger
 from accelerate.utils import is_peft_model
 from datasets import Dataset
-from datasets.fingerprint import Hasher
 from trl import DPOConfig
 
 from .. import losses
-from ..data import DataCollatorForTokenPreference, TokenColumn, TokenColumnError, validate_token_columns
+from ..data import (
+    REF_LOGPS_COLUMNS,
+    REWARD_COLUMNS,
+    DataCollatorForTokenPreference,
+    TokenColumn,
+    TokenColumnError,
+    validate_token_columns,
+)
+from ..fingerprint import fingerprint, jsonable, reference_fingerprint
 from ..weights import WEIGHT_TRANSFORMS, WeightTransform
 from .base import BF16_HELP, Objective, TokenLevelDPOTrainer, resolve_bf16_default
 
 
 logger = get_logger(__name__)
 
-REWARD_COLUMNS = ("chosen_token_rewards", "rejected_token_rewards")
-REF_LOGPS_COLUMNS = ("chosen_ref_logps", "rejected_ref_logps")
 WEIGHT_COLUMNS = ("chosen_weights", "rejected_weights")
 # TISDPOConfig fields of the rewards-to-weights transform
 TRANSFORM_FIELDS = (
@@ -269,9 +274,9 @@ class TISDPOTrainer(TokenLevelDPOTrainer):
         # DPOTrainer caches the precomputed values under a hash of (dataset, model): the weighted sums also depend on
         # the weight transform and LD-DPO, so they join the hash once
         if not getattr(self, "_weighted_hash_applied", False):
-            self._precompute_model_hash = Hasher.hash(
-                (self._precompute_model_hash, "tisdpo-weighted-sums-v1", dataclasses.asdict(self.weight_transform),
-                 self._token_source, self.ld_alpha)
+            self._precompute_model_hash = fingerprint(
+                self._precompute_model_hash, "tisdpo-weighted-sums-v1", jsonable(dataclasses.asdict(self.weight_transform)),
+                list(self._token_source), self.ld_alpha,
             )  # fmt: skip
             self._weighted_hash_applied = True
         return super()._precompute_ref_logps(dataset, name, batch_size)
@@ -280,9 +285,7 @@ class TISDPOTrainer(TokenLevelDPOTrainer):
         """The reference sums from the per-token reference log-probabilities the estimator wrote
         (`include_ref_logps=True`), with no reference forward pass. Refused unless the estimator's base model and
         tokenizer are exactly this trainer's reference and tokenizer."""
-        from ..estimator.cache import reference_fingerprint
-
-        self._check_ref_logps_source(dataset, name, reference_fingerprint)
+        self._check_ref_logps_source(dataset, name)
         validate_token_columns(dataset, name, *REF_LOGPS_COLUMNS, allow_negative=True, hint="")
         collator = dataclasses.replace(
             self.data_collator, token_columns=[self._token_column(), TokenColumn("ref_token_logps", *REF_LOGPS_COLUMNS)]
@@ -296,7 +299,7 @@ class TISDPOTrainer(TokenLevelDPOTrainer):
             rejected.extend(r.tolist())
         return dataset.add_column("ref_chosen_logps", chosen).add_column("ref_rejected_logps", rejected)
 
-    def _check_ref_logps_source(self, dataset, name, reference_fingerprint):
+    def _check_ref_logps_source(self, dataset, name):
         if "ref_logps_fingerprint" not in dataset.column_names:
             raise TokenColumnError(
                 f"The {name} dataset has `chosen_ref_logps` / `rejected_ref_logps` but no `ref_logps_fingerprint` "
