@@ -10,7 +10,8 @@ import sys
 import numpy as np
 import pytest
 
-from trl_tokenpo.estimator.store import HOST, CacheError, IncompleteCacheError, ShardedScoreCache
+from trl_tokenpo.estimator.store import CacheError, IncompleteCacheError, ShardedScoreCache
+from trl_tokenpo.files import HOST
 
 
 COLUMNS = ("chosen_token_rewards", "rejected_token_rewards")

@@ -26,10 +26,10 @@ from datasets import Dataset
 from transformers import TrainingArguments
 
 from ..data import EXTRA_INPUT_COLUMNS, tokenize_preference_dataset
+from ..files import atomic_write_json, is_stale_temp, read_json, temp_path
 from ..fingerprint import fingerprint, jsonable
 from .model_state import ModelSnapshot, is_peft_model, strip_adapter_layers
 from .scoring import ScoringStats, fit_to_max_length
-from .store import atomic_write_json, is_stale_temp, read_json, temp_path
 
 
 logger = logging.getLogger(__name__)

@@ -1,4 +1,4 @@
-"""On-disk storage of the estimator: atomic files, and the sharded, checksummed, concurrency-safe score store.
+"""The estimator's sharded, checksummed, concurrency-safe score store (its files are written by `trl_tokenpo.files`).
 
 Layout of one score store, `root/key/`:
 
@@ -21,18 +21,16 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
-import json
 import logging
 import os
 import re
-import secrets
-import socket
-import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from ..files import HOST, atomic_write_bytes, atomic_write_json, is_stale_temp, read_json
 
 
 try:
@@ -43,96 +41,10 @@ except ImportError:  # pragma: no cover - Windows: no locking, one process per s
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "CacheError",
-    "IncompleteCacheError",
-    "ShardedScoreCache",
-    "atomic_write_bytes",
-    "atomic_write_json",
-    "is_stale_temp",
-    "read_json",
-]
+__all__ = ["CacheError", "IncompleteCacheError", "ShardedScoreCache"]
 
 FORMAT_VERSION = 2
-HOST = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname()) or "host"
-_TEMP_RE = re.compile(r"^\.(?P<target>.+)\.(?P<host>[A-Za-z0-9_-]+)\.(?P<pid>\d+)\.(?P<rand>[0-9a-f]+)\.tmp$")
 _KEY_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Atomic files
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def temp_path(target: Path) -> Path:
-    """A temporary name next to `target` that says which host and process writes it."""
-    return target.with_name(f".{target.name}.{HOST}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-
-
-def atomic_write_bytes(target: Path, data: bytes) -> None:
-    """Write `data` to `target` so that readers see the old file, nothing, or the whole new file."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path(target)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-    with contextlib.suppress(OSError):
-        fd = os.open(target.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def atomic_write_json(target: Path, obj: Any) -> None:
-    text = json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False, allow_nan=False)
-    atomic_write_bytes(target, (text + "\n").encode("utf-8"))
-
-
-def read_json(path: Path) -> dict | None:
-    """The JSON object in `path`, or None if it is absent or unreadable."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            obj = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return obj if isinstance(obj, dict) else None
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError, OverflowError):
-        return True  # exists but not ours, or cannot tell
-    return True
-
-
-def is_stale_temp(path: Path, max_age: float = 3600.0) -> bool:
-    """Whether `path` is a temporary file or directory of `temp_path` (or an adapter staging directory
-    `.<name>.<pid>.tmp`) whose writer is gone: a dead process on this host, or older than `max_age` seconds when its
-    host is another one."""
-    match = _TEMP_RE.match(path.name)
-    if match is None:
-        legacy = re.match(r"^\.(?P<target>.+)\.(?P<pid>\d+)\.tmp$", path.name)
-        if legacy is None:
-            return False
-        host, pid = HOST, int(legacy["pid"])
-    else:
-        host, pid = match["host"], int(match["pid"])
-    if host == HOST:
-        return pid != os.getpid() and not _pid_alive(pid)
-    try:
-        return time.time() - path.stat().st_mtime > max_age
-    except FileNotFoundError:
-        return False
 
 
 def _remove(path: Path) -> None:

@@ -18,7 +18,6 @@ import dataclasses
 import json
 import os
 import re
-import tempfile
 import warnings
 from dataclasses import dataclass, fields
 
@@ -33,6 +32,7 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
 from .. import losses
+from ..files import atomic_write_json
 from ..kernels import TokenStats, TokenStatsRequest, add_token_stats_head
 from ..quantization import keep_4bit_layout
 
@@ -240,7 +240,7 @@ class TokenLevelDPOTrainer(DPOTrainer):
         if self.args.should_save:
             folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
             os.makedirs(folder, exist_ok=True)
-            _atomic_write_json(os.path.join(folder, COUNTERS_NAME), {"total_train_tokens": self._total_train_tokens})
+            atomic_write_json(os.path.join(folder, COUNTERS_NAME), {"total_train_tokens": self._total_train_tokens})
         super()._save_checkpoint(model, trial)
 
     @staticmethod
@@ -581,18 +581,3 @@ def _last_complete_checkpoint(folder: str | os.PathLike, quiet: bool = False) ->
         if not quiet:
             logger.warning(f"Skipping incomplete checkpoint {path}: {problem} (its save was cut off).")
     return None
-
-
-def _atomic_write_json(path: str, obj) -> None:
-    """Write `obj` to `path` so that a reader sees either the old file, no file, or the whole new one."""
-    fd, staging = tempfile.mkstemp(dir=os.path.dirname(path), prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(staging, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(staging)
-        raise
