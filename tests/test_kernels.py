@@ -240,10 +240,18 @@ def test_backend_choice(monkeypatch):
     monkeypatch.setattr(tiles_triton, "interpreted", lambda: False)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         resolve_backend("triton", cpu)
-    monkeypatch.setattr(tiles_triton, "available", lambda: False)
-    assert resolve_backend("auto", cuda) == "torch"
-    with pytest.raises(ImportError, match="pip install triton"):
-        fused_token_stats(*make_inputs(), backend="triton")
+    monkeypatch.setattr(tiles_triton, "interpreted", lambda: True)
+    monkeypatch.setattr(tiles_triton, "version", lambda: (3, 6))
+    with pytest.raises(RuntimeError, match="interpreter from release 3.7"):
+        resolve_backend("triton", cpu)
+    monkeypatch.undo()
+    # Without triton, or with a release older than the kernels are checked with, "auto" takes the torch tiles
+    for found in (None, (3, 2)):
+        monkeypatch.setattr(tiles_triton, "version", lambda found=found: found)
+        assert not tiles_triton.available()
+        assert resolve_backend("auto", cuda) == "torch"
+        with pytest.raises(ImportError, match="pip install triton"):
+            fused_token_stats(*make_inputs(), backend="triton")
     with pytest.raises(ValueError, match="backend must be one of"):
         fused_token_stats(*make_inputs(), backend="cuda")
     # "auto" on CPU tensors runs the torch tiles

@@ -10,12 +10,13 @@ from packaging.version import Version
 tomllib = pytest.importorskip("tomllib")
 
 ROOT = Path(__file__).resolve().parents[1]
-PINNED = {"trl", "transformers", "peft", "datasets", "accelerate", "bitsandbytes"}
+PINNED = {"trl", "transformers", "peft", "datasets", "accelerate", "bitsandbytes", "triton"}
 
 
 def test_lowest_constraints_pin_the_declared_lower_bounds():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    declared = [*project["dependencies"], *project["optional-dependencies"]["quantization"]]
+    extras = project["optional-dependencies"]
+    declared = [*project["dependencies"], *extras["quantization"], *(r for r in extras["dev"] if r.startswith("triton"))]
     lower = {}
     for requirement in map(Requirement, declared):
         bounds = [s.version for s in requirement.specifier if s.operator == ">="]

@@ -19,7 +19,8 @@ BACKENDS = ("auto", "torch", "triton")
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """The backend that runs on ``device``: ``"auto"`` is Triton on CUDA when ``triton`` is importable, else torch.
+    """The backend that runs on ``device``: ``"auto"`` is Triton on CUDA when ``triton`` is importable (3.3 or newer,
+    see :data:`tiles_triton.MIN_VERSION`), else torch.
 
     ``"triton"`` on CPU tensors needs Triton's interpreter (``TRITON_INTERPRET=1`` set before ``triton`` is first
     imported); it is meant for tests, not for speed.
@@ -30,11 +31,21 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         return "triton" if device.type == "cuda" and tiles_triton.available() else "torch"
     if backend == "triton":
         if not tiles_triton.available():
-            raise ImportError("backend='triton' needs the `triton` package (`pip install triton`); use 'torch'.")
+            found = tiles_triton.version()
+            have = "it is not installed" if found is None else f"found {found[0]}.{found[1]}"
+            raise ImportError(
+                "backend='triton' needs the `triton` package, release "
+                f"{'.'.join(map(str, tiles_triton.MIN_VERSION))} or newer (`pip install triton`; {have}); use 'torch'."
+            )
         if device.type == "cpu" and not tiles_triton.interpreted():
             raise RuntimeError(
                 "backend='triton' on CPU tensors runs Triton's interpreter, which must be switched on before `triton` "
                 "is first imported: set TRITON_INTERPRET=1 in the environment of the process. Or use backend='torch'."
+            )
+        if device.type == "cpu" and tiles_triton.version() < tiles_triton.MIN_INTERPRETER_VERSION:
+            raise RuntimeError(
+                "backend='triton' on CPU tensors needs Triton's interpreter from release "
+                f"{'.'.join(map(str, tiles_triton.MIN_INTERPRETER_VERSION))} on; use backend='torch' or upgrade triton."
             )
         if device.type not in ("cuda", "cpu"):
             raise RuntimeError(f"backend='triton' runs on CUDA tensors; got {device.type}. Use backend='torch'.")

@@ -227,9 +227,25 @@ if triton is not None:
     _backward_kernel = triton.jit(_backward_kernel)
 
 
+# The oldest Triton releases the kernels are checked with: they compile for sm_90 from 3.3 on (checked without a GPU by
+# tests/test_kernels_triton.py::test_kernels_compile_for_hopper_without_a_gpu, run against 3.3 to 3.9), and Triton's
+# interpreter runs them on CPU tensors from 3.7 on (before that it cannot take a loop bound that is a kernel argument)
+MIN_VERSION = (3, 3)
+MIN_INTERPRETER_VERSION = (3, 7)
+
+
+def version() -> tuple[int, int] | None:
+    """``(major, minor)`` of the importable ``triton``, or ``None`` without it."""
+    if triton is None:
+        return None
+    major, minor = triton.__version__.split(".")[:2]
+    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+
+
 def available() -> bool:
-    """Whether ``triton`` is importable."""
-    return triton is not None
+    """Whether ``triton`` is importable, at :data:`MIN_VERSION` or newer (older releases are not checked)."""
+    found = version()
+    return found is not None and found >= MIN_VERSION
 
 
 def interpreted() -> bool:
