@@ -58,8 +58,9 @@ ESTIMATOR_PRESETS = {
     "default": {"prompt": {}, "sft": {}, "dpo": {}},
     "tuned": {
         "prompt": {"system_prompt_pair": "custom"},  # + SENTIMENT_SYSTEM_PROMPTS
-        "sft": dict(learning_rate=1e-3, num_train_epochs=1),
-        "dpo": dict(learning_rate=5e-4, num_train_epochs=1),
+        # the policy's own training budget: 32 steps of 4 pairs, a LoRA learning rate 5-10x the defaults'
+        "sft": dict(learning_rate=1e-3, max_steps=32, per_device_train_batch_size=4),
+        "dpo": dict(learning_rate=5e-4, max_steps=32, per_device_train_batch_size=4),
     },
 }
 DENOISERS = {"none": {}, "center": {"reward_denoise": "center"}, "soft2": {"reward_denoise": "soft_threshold"}}
@@ -103,6 +104,7 @@ def all_methods(train_preset: str) -> list[Method]:
     ]  # fmt: skip
 
 
+PRIORITY = ["dpo", "tdpo2_a0.5", "tisdpo_oracle", "tisdpo_random", "tdpo1", "tdpo2_a0.1", "tisdpo_uniform"]
 QUICK_METHODS = ["dpo", "tdpo2_a0.5", "tisdpo_prompt", "tisdpo_oracle"]
 
 
@@ -122,9 +124,9 @@ def parse_args(argv=None):
     p.add_argument("--beta", type=float, default=0.1)
     p.add_argument("--learning_rate", type=float, default=5e-4, help="LoRA learning rate of the trained policies.")
     p.add_argument("--batch_size", type=int, default=4, help="Pairs per step.")
-    p.add_argument("--max_steps", type=int, default=None, help="Steps per run (default 40; quick 4).")
+    p.add_argument("--max_steps", type=int, default=None, help="Steps per run (default 32; quick 4).")
     p.add_argument("--checkpoints", type=int, nargs="*", default=None,
-                   help="Intermediate steps also evaluated (frontier points). Default 20 (quick: none).")  # fmt: skip
+                   help="Intermediate steps also evaluated (frontier points). Default 16 (quick: none).")  # fmt: skip
     p.add_argument("--methods", nargs="+", default=None, help="Subset of method names (default: all).")
     p.add_argument("--no_probes", action="store_true", help="Leave out the normalize / denoise probes.")
     p.add_argument("--train_preset", default="tuned", choices=list(ESTIMATOR_PRESETS),
@@ -138,6 +140,11 @@ def parse_args(argv=None):
     p.add_argument("--builtin_probe", action="store_true",
                    help="Also measure normalize_weights and reward_denoise on the built-in task (TIS-DPO(S), (D), "
                         "lexicon/oracle; 3 seeds, beta 0.1), with scripts/benchmark_quality.py's runs.")  # fmt: skip
+    p.add_argument("--builtin_only", action="store_true",
+                   help="Run only the built-in task's probe (with --builtin_probe's jobs), e.g. next to a real-model run "
+                        "sharing the same --output_dir.")  # fmt: skip
+    p.add_argument("--collect_only", action="store_true",
+                   help="Compute nothing: build the tables and the plot from the cached job results (missing ones left out).")  # fmt: skip
     p.add_argument("--write-docs", dest="write_docs", action="store_true",
                    help="Replace the real-model section of docs/benchmarks.md and write the frontier PNG.")  # fmt: skip
     args = p.parse_args(argv)
@@ -154,8 +161,8 @@ def parse_args(argv=None):
         if args.output_dir == "outputs/benchmark_real":
             args.output_dir = "outputs/benchmark_real_quick"
     args.seeds = args.seeds or [0]
-    args.max_steps = args.max_steps or 40
-    args.checkpoints = [20] if args.checkpoints is None else args.checkpoints
+    args.max_steps = args.max_steps or 32
+    args.checkpoints = [16] if args.checkpoints is None else args.checkpoints
     args.estimator_methods = args.estimator_methods or ["prompt", "sft", "dpo"]
     args.estimator_presets = args.estimator_presets or list(ESTIMATOR_PRESETS)
     args.num_samples_per_prompt = args.num_samples_per_prompt or 2
@@ -397,7 +404,7 @@ def estimate_one(job):
         extra["max_steps"] = a["estimator_max_steps"]
     config = WeightEstimatorConfig(
         output_dir=os.path.join(a["output_dir"], "estimator", f"{preset}_{method}"), method=method,
-        per_device_train_batch_size=8, report_to="none", disable_tqdm=True, log_level="error", logging_steps=1000,
+        report_to="none", disable_tqdm=True, log_level="error", logging_steps=1000,
         use_cpu=True, seed=0, lora_r=LORA["r"], lora_alpha=LORA["lora_alpha"], **extra,
     )  # fmt: skip
     start = time.perf_counter()
@@ -417,6 +424,38 @@ def estimate_one(job):
 
 def job_key(kind, payload) -> str:
     return f"{kind}-" + hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class _NoPool:
+    """`--collect_only`: submits nothing, so only cached results are read."""
+
+    def __init__(self, **kwargs):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def submit(self, fn, *args):
+        return None
+
+
+def _run_and_store(fn, payload, directory, key):
+    """Run a job in a worker and store its result there, so that it survives an interruption of the main process."""
+    return store(directory, key, fn(payload))
+
+
+def _result(directory, job):
+    """The result of a `(key, future, cached result)` job: cached, computed (stored by the worker), or None (not
+    submitted)."""
+    key, future, hit = job
+    if hit is not None:
+        return hit
+    if future is None:
+        return cached(directory, key)
+    return future.result()
 
 
 def cached(directory, key):
@@ -719,11 +758,10 @@ def builtin_probe(args, pool, jobs_dir):
     def submit(kind, fn, payload, key_payload):
         key = job_key(f"builtin-{kind}", {**context, **key_payload})
         hit = cached(jobs_dir, key)
-        return key, (None if hit is not None else pool.submit(fn, payload)), hit
+        return key, (None if hit is not None else pool.submit(_run_and_store, fn, payload, jobs_dir, key)), hit
 
     def result(entry):
-        key, future, hit = entry
-        return hit if hit is not None else store(jobs_dir, key, future.result())
+        return _result(jobs_dir, entry)
 
     estimates = {}
     for key in ("est:tuned:sft", "est:tuned:dpo"):
@@ -746,13 +784,18 @@ def builtin_probe(args, pool, jobs_dir):
 
     add(lambda w: not (w or "").startswith("est:"))
     estimates = {k: result(v) for k, v in estimates.items()}
+    estimates = {k: v for k, v in estimates.items() if v is not None}
     for key, est in estimates.items():
         print(f"[builtin] estimator {key}: {est['seconds']:.0f}s", flush=True)
-    add(lambda w: (w or "").startswith("est:"))
+    add(lambda w: w in estimates)
     reference = result(reference)
+    if reference is None:
+        return None
     rows = []
     for entry in jobs:
         row = result(entry)
+        if row is None:
+            continue
         rows.append(row)
         print(f"[builtin] {row['method']:20s} seed={row['seed']} reward={row['reward_mean']:+.3f} "
               f"kl={row['kl_mean']:.3f}", flush=True)  # fmt: skip
@@ -811,12 +854,20 @@ def main(argv=None):
     start = time.perf_counter()
     os.makedirs(args.output_dir, exist_ok=True)
     jobs_dir = os.path.join(args.output_dir, "jobs")
-    _setup_worker(threads=max(1, args.workers))
+    _setup_worker()
     from trl_tokenpo.data import tokenize_preference_dataset
     from trl_tokenpo.models import resolve_model
     from trl_tokenpo.sentiment import build_sentiment_task
     from trl_tokenpo.weights import WeightTransform
 
+    if args.builtin_only:
+        with ProcessPoolExecutor(max_workers=args.workers, mp_context=get_context("spawn")) as pool:
+            builtin = builtin_probe(args, pool, os.path.join(args.output_dir, "jobs"))
+        body = builtin_markdown(*builtin)
+        with open(os.path.join(args.output_dir, "builtin_summary.md"), "w") as f:
+            f.write(body)
+        print(body)
+        return True
     args.model = resolve_model(args.model)  # converts the GGUF once (cached)
     shared = {k: getattr(args, k) for k in (
         "model", "task_seed", "responses_per_prompt", "response_tokens", "cache_dir", "output_dir", "beta",
@@ -824,7 +875,7 @@ def main(argv=None):
         "max_new_tokens")}  # fmt: skip
     shared["estimator_max_steps"] = 2 if args.quick else None
     print(f"[real] building / loading the sentiment task ({args.model})", flush=True)
-    task = build_sentiment_task(task_config(shared), cache_dir=args.cache_dir, num_threads=max(1, args.workers))
+    task = build_sentiment_task(task_config(shared), cache_dir=args.cache_dir, num_threads=1)
     print(f"[real] task: {task.stats} ({task.build_seconds:.0f}s)", flush=True)
     tokenized = tokenize_preference_dataset(task.train_dataset, task.tokenizer)
     truth = token_truth(task, tokenized)
@@ -848,50 +899,73 @@ def main(argv=None):
         hit = cached(jobs_dir, key)
         if hit is not None:
             return key, None, hit
-        return key, pool.submit(fn, payload), None
+        return key, pool.submit(_run_and_store, fn, payload, jobs_dir, key), None
 
     rows, estimates = [], {}
-    with ProcessPoolExecutor(max_workers=args.workers, mp_context=get_context("spawn")) as pool:
+    pool_class = _NoPool if args.collect_only else ProcessPoolExecutor
+    with pool_class(max_workers=args.workers, mp_context=get_context("spawn")) as pool:
         pending = []
-        est_jobs = {}
-        for key in needed:
-            _, preset, method = key.split(":")
-            payload = {"args": shared, "preset": preset, "estimator_method": method}
-            est_jobs[key] = run_job(pool, "estimate", estimate_one, payload, {"estimate": key,
-                                    "preset": ESTIMATOR_PRESETS[preset][method]})  # fmt: skip
-        ref_key, ref_future, reference = run_job(pool, "reference", reference_eval, {"args": shared}, {"reference": 1})
 
-        def submit_training(method_list):
-            for m in method_list:
-                seeds = args.seeds[:1] if m.probe else args.seeds
-                for seed in seeds:
-                    payload = {"args": shared, "method": asdict(m), "seed": seed}
-                    if m.weights and m.weights.startswith("est:"):
-                        payload["rewards"] = estimates[m.weights]["columns"]
-                    key_payload = {"method": asdict(m), "seed": seed}
-                    if m.weights and m.weights.startswith("est:"):
-                        key_payload["estimate"] = estimates[m.weights]["fingerprint"]
-                    pending.append((m,) + run_job(pool, "train", train_one, payload, key_payload))
+        def submit_estimates(keys):
+            jobs = {}
+            for key in keys:
+                _, preset, method = key.split(":")
+                payload = {"args": shared, "preset": preset, "estimator_method": method}
+                jobs[key] = run_job(pool, "estimate", estimate_one, payload,
+                                    {"estimate": key, "preset": ESTIMATOR_PRESETS[preset][method]})  # fmt: skip
+            return jobs
 
-        submit_training([m for m in methods if not (m.weights or "").startswith("est:")])
-        for key, (job, future, hit) in est_jobs.items():
-            result = hit if hit is not None else store(jobs_dir, job, future.result())
-            result["fingerprint"] = job
+        def collect_estimate(key, job):
+            result = _result(jobs_dir, job)
+            if result is None:
+                print(f"[real] estimator {key}: not computed yet", flush=True)
+                return
+            result["fingerprint"] = job[0]
             estimates[key] = result
             print(f"[real] estimator {key}: {result['seconds']:.0f}s ({time.perf_counter() - start:.0f}s total)",
                   flush=True)  # fmt: skip
-        submit_training([m for m in methods if (m.weights or "").startswith("est:")])
+
+        def submit_training(method_list):
+            for m in method_list:
+                if m.weights and m.weights.startswith("est:") and m.weights not in estimates:
+                    continue  # its estimate is not there (--collect_only)
+                for seed in args.seeds[:1] if m.probe else args.seeds:
+                    payload = {"args": shared, "method": asdict(m), "seed": seed}
+                    key_payload = {"method": asdict(m), "seed": seed}
+                    if m.weights and m.weights.startswith("est:"):
+                        payload["rewards"] = estimates[m.weights]["columns"]
+                        key_payload["estimate"] = estimates[m.weights]["fingerprint"]
+                    pending.append(run_job(pool, "train", train_one, payload, key_payload))
+
+        # Priority order (results are cached per job, so an interrupted run keeps what finished): the reference, the
+        # estimates TIS-DPO trains on, the trainings, then the estimator presets that are only scored.
+        reference_job = run_job(pool, "reference", reference_eval, {"args": shared}, {"reference": 1})
+        training_keys = [k for k in needed if any(m.weights == k for m in methods)]
+        first = submit_estimates(training_keys)
+        independent = [m for m in methods if not (m.weights or "").startswith("est:")]
+        submit_training(sorted(independent, key=lambda m: PRIORITY.index(m.name) if m.name in PRIORITY else 99))
+        for key, job in first.items():
+            collect_estimate(key, job)
+            submit_training([m for m in methods if m.weights == key])
+        rest = submit_estimates([k for k in needed if k not in training_keys])
         builtin = builtin_probe(args, pool, jobs_dir) if args.builtin_probe else None
+        reference = _result(jobs_dir, reference_job)
         if reference is None:
-            reference = store(jobs_dir, ref_key, ref_future.result())
+            raise SystemExit("[real] the reference evaluation is not computed yet: run without --collect_only first.")
         print(f"[real] reference: compound {reference['reward_mean']:+.3f}", flush=True)
-        for i, (_, key, future, hit) in enumerate(pending):
-            row = hit if hit is not None else store(jobs_dir, key, future.result())
+        for i, job in enumerate(pending):
+            row = _result(jobs_dir, job)
+            if row is None:
+                continue
             rows.append(row)
             print(f"[real] {i + 1}/{len(pending)} {row['method']:20s} seed={row['seed']} "
                   f"compound={row['reward_mean']:+.3f} kl={row['kl_mean']:.3f} acc={row['preference_accuracy']:.3f} "
-                  f"({row['train_seconds']:.0f}s train{', cached' if hit else ''}; "
-                  f"{time.perf_counter() - start:.0f}s total)", flush=True)  # fmt: skip
+                  f"({row['train_seconds']:.0f}s train; {time.perf_counter() - start:.0f}s total)", flush=True)  # fmt: skip
+        for key, job in rest.items():
+            collect_estimate(key, job)
+        missing = sum(1 for job in [*pending, *rest.values()] if _result(jobs_dir, job) is None)
+        if missing:
+            print(f"[real] {missing} job(s) not computed yet: the tables leave them out", flush=True)
 
     aurocs, denoise = {}, {}
     for key, est in estimates.items():
@@ -908,6 +982,8 @@ def main(argv=None):
     body = markdown(summary, task, aurocs, denoise, args, wall, load)
     if builtin is not None:
         body += "\n" + builtin_markdown(*builtin)
+    elif args.builtin_probe:
+        body += "\n(The built-in task's probe is not computed yet.)\n"
     with open(os.path.join(args.output_dir, "summary.json"), "w") as f:
         json.dump({"summary": summary, "auroc": aurocs, "denoise": denoise, "task_stats": task.stats,
                    "wall_seconds": wall, "config": vars(args)}, f, indent=1, default=str)  # fmt: skip

@@ -183,7 +183,7 @@ def _lora():
 
 def _config(config_class, tmp_path, **extra):
     return config_class(
-        output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=3, learning_rate=1e-3, logging_steps=1,
+        output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=3, learning_rate=1e-3, logging_steps=1,
         save_strategy="no", report_to="none", use_cpu=True, bf16=False, gradient_checkpointing=False,
         disable_tqdm=True, seed=0, **extra,
     )  # fmt: skip
@@ -208,7 +208,7 @@ def test_tdpo_trains_lora_on_the_real_model(real_model, chat_pairs, tmp_path, on
     from trl_tokenpo import TDPOConfig, TDPOTrainer
 
     path, tokenizer = real_model
-    trainer = TDPOTrainer(model=path, args=_config(TDPOConfig, tmp_path, max_length=96), train_dataset=chat_pairs.select(range(4)),
+    trainer = TDPOTrainer(model=path, args=_config(TDPOConfig, tmp_path, max_length=96), train_dataset=chat_pairs.select(range(2)),
                           processing_class=tokenizer, peft_config=_lora())  # fmt: skip
     # the chat template's end-of-turn suffix is part of every completion
     end = tokenizer.convert_tokens_to_ids("<|im_end|>")
@@ -226,7 +226,7 @@ def test_tisdpo_weights_align_with_the_real_tokenizer(real_model, chat_pairs, tm
     from trl_tokenpo.weights import WeightTransform
 
     path, tokenizer = real_model
-    data = chat_pairs.select(range(4))
+    data = chat_pairs.select(range(2))
     tokenized = tokenize_preference_dataset(data, tokenizer)
     judge = VaderJudge()
     rewards = {s: [judge.token_reward_of_ids(ids, tokenizer) for ids in tokenized[f"{s}_ids"]] for s in ("chosen", "rejected")}
@@ -239,7 +239,7 @@ def test_tisdpo_weights_align_with_the_real_tokenizer(real_model, chat_pairs, tm
                             processing_class=tokenizer, peft_config=_lora())  # fmt: skip
     assert trainer.train_dataset["chosen_ids"] == tokenized["chosen_ids"]
     logs = _train_and_check(trainer)
-    # every step sees the 4 pairs whole: the logged mean weight is the mean over all their completion tokens
+    # every step sees the 2 pairs whole: the logged mean weight is the mean over all their completion tokens
     transform = WeightTransform()
     for side in ("chosen", "rejected"):
         weights = torch.cat([transform(torch.tensor(r), side) for r in rewards[side]])
