@@ -265,18 +265,20 @@ class SentimentTask:
         return path
 
 
-def load_sentiment_task(path: str | os.PathLike) -> SentimentTask:
-    """Load a task written by :meth:`SentimentTask.save` (the model itself stays where ``model_path`` points)."""
+def load_sentiment_task(path: str | os.PathLike, model_path: str | None = None) -> SentimentTask:
+    """Load a task written by :meth:`SentimentTask.save`. The model is not part of it: it is read from ``model_path``
+    (default: where it was when the task was built)."""
     from datasets import load_from_disk
     from transformers import AutoTokenizer
 
     path = os.fspath(path)
     with open(os.path.join(path, "sentiment_task.json")) as f:
         meta = json.load(f)
+    model_path = model_path or meta["model_path"]
     return SentimentTask(
         config=SentimentTaskConfig(**meta["config"]),
-        model_path=meta["model_path"],
-        tokenizer=AutoTokenizer.from_pretrained(meta["model_path"]),
+        model_path=model_path,
+        tokenizer=AutoTokenizer.from_pretrained(model_path),
         train_dataset=load_from_disk(os.path.join(path, "train_dataset")),
         eval_dataset=load_from_disk(os.path.join(path, "eval_dataset")),
         eval_prompts=meta["eval_prompts"],
@@ -305,7 +307,8 @@ def _task_key(config: SentimentTaskConfig, model_path: str) -> str:
     payload = {
         "version": TASK_FORMAT_VERSION,
         **config.to_dict(),
-        "model_path": os.path.basename(model_path.rstrip("/")) if os.path.isdir(model_path) else model_path,
+        # the model by name, not by where it lies: a converted directory's name carries its fingerprint
+        "model": os.path.basename(model_path.rstrip("/")) if os.path.isdir(model_path) else model_path,
         "vader": version("vaderSentiment"),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
@@ -360,7 +363,7 @@ def build_sentiment_task(
         root = os.path.expanduser(os.fspath(cache_dir))
         target = os.path.join(root, f"sentiment-{_task_key(config, model_path)}")
         if os.path.isfile(os.path.join(target, "sentiment_task.json")):
-            return load_sentiment_task(target)
+            return load_sentiment_task(target, model_path)
         task = build_sentiment_task(config, None, num_threads, progress)
         os.makedirs(root, exist_ok=True)
         staging = tempfile.mkdtemp(prefix=".sentiment-", dir=root)
@@ -372,7 +375,7 @@ def build_sentiment_task(
                 pass  # another process saved it first
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-        loaded = load_sentiment_task(target)
+        loaded = load_sentiment_task(target, model_path)
         loaded.build_seconds = task.build_seconds
         return loaded
 
