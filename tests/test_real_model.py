@@ -271,3 +271,65 @@ def test_prompt_estimator_on_the_real_model(real_model, chat_pairs, tmp_path, on
                     scores[valence > 0].append(value)
     # the sentiment system prompts rate positive words above negative ones
     assert sum(scores[True]) / len(scores[True]) > sum(scores[False]) / len(scores[False])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Fast: the benchmark script's analysis and docs writing (no model)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _benchmark_module():
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "benchmark_real.py"
+    spec = importlib.util.spec_from_file_location("benchmark_real", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_reward_quality_and_denoisers_on_known_rewards():
+    from trl_tokenpo.weights import WeightTransform
+
+    bench = _benchmark_module()
+    gen = torch.Generator().manual_seed(0)
+    truth = {"chosen": [], "rejected": []}
+    columns = {"chosen_token_rewards": [], "rejected_token_rewards": []}
+    for side in ("chosen", "rejected"):
+        for _ in range(20):
+            true = [0.0] * 30
+            true[3], true[17] = 2.0, -1.5
+            truth[side].append(true)
+            noise = (0.2 * torch.randn(30, generator=gen)).tolist()
+            columns[f"{side}_token_rewards"].append([t + n + 0.5 for t, n in zip(true, noise)])  # offset 0.5
+    plain = bench.reward_quality(truth, columns)
+    assert plain["auroc"] == 1.0 and plain["num_pos"] == plain["num_neg"] == 40 and plain["num_neutral"] == 40 * 28
+    assert 0.15 < plain["std_r_neutral"] < 0.25
+    soft = bench.reward_quality(truth, columns, WeightTransform(denoise="soft_threshold", denoise_threshold=4.0))
+    assert soft["auroc"] == 1.0 and soft["std_r_neutral"] < plain["std_r_neutral"] / 4
+    assert soft["neutral_weight_mean"] == pytest.approx(1.0, abs=0.02)  # the offset is gone, the noise mostly zeroed
+    none = bench.reward_quality(truth, columns, WeightTransform())
+    # the offset moves neutral weights to exp(+0.5) on chosen and exp(-0.5) on rejected tokens
+    assert none["neutral_weight_std"] > 0.4 and soft["neutral_weight_std"] < 0.1
+
+
+def test_docs_section_is_replaced_between_its_markers(tmp_path):
+    bench = _benchmark_module()
+    page = tmp_path / "benchmarks.md"
+    page.write_text(f"# B\n\nbefore\n\n{bench.DOCS_START}\nold\n{bench.DOCS_END}\n\nafter\n")
+    bench.write_docs(page, "new table\n")
+    assert page.read_text() == f"# B\n\nbefore\n\n{bench.DOCS_START}\nnew table\n{bench.DOCS_END}\n\nafter\n"
+    bench.write_docs(page, "newer\n")
+    assert page.read_text().count(bench.DOCS_START) == 1 and "newer" in page.read_text() and "new table" not in page.read_text()
+
+
+def test_job_cache_round_trip_and_collect_only(tmp_path):
+    bench = _benchmark_module()
+    key = bench.job_key("train", {"method": "dpo", "seed": 0})
+    assert key == bench.job_key("train", {"seed": 0, "method": "dpo"}) and key != bench.job_key("train", {"seed": 1})
+    assert bench._result(str(tmp_path), (key, None, None)) is None  # --collect_only: not computed
+    bench.store(str(tmp_path), key, {"x": 1})
+    assert bench._result(str(tmp_path), (key, None, None)) == {"x": 1}
+    assert bench._NoPool(max_workers=2).submit(print, 1) is None
