@@ -274,7 +274,9 @@ def pair_stats(policy, reference, tokenizer, pairs, beta, batch_size=8):
     }
 
 
-def evaluate(policy, reference, task, a, beta):
+def evaluate(policy, reference, task, a, beta, pairs=True):
+    """Sampled responses on the held-out prompts (VADER compound, sampled KL, entropy) and, with `pairs`, the held-out
+    pairs' statistics (`pair_stats`)."""
     from trl_tokenpo.evaluation import evaluate_policy
 
     stats = evaluate_policy(
@@ -282,7 +284,7 @@ def evaluate(policy, reference, task, a, beta):
         num_samples_per_prompt=a["num_samples_per_prompt"], max_new_tokens=a["max_new_tokens"], seed=1234,
         batch_size=32,
     )  # fmt: skip
-    return stats | pair_stats(policy, reference, task.tokenizer, task.eval_dataset, beta)
+    return stats | (pair_stats(policy, reference, task.tokenizer, task.eval_dataset, beta) if pairs else {})
 
 
 def _token_columns(task, spec, tokenized, rewards, seed):
@@ -360,7 +362,7 @@ def train_one(job):
         with torch.no_grad():
             for k, v in state.items():
                 params[k].copy_(v)
-        checkpoints.append({"step": step, **evaluate(policy, reference, task, a, a["beta"])})
+        checkpoints.append({"step": step, **evaluate(policy, reference, task, a, a["beta"], pairs=False)})
     logs = [h for h in trainer.state.log_history if "loss" in h]
     return {
         "method": m.name, "label": m.label, "kind": m.kind, "seed": seed, "probe": m.probe, **checkpoints[0],
@@ -891,10 +893,18 @@ def main(argv=None):
     needed = sorted({f"est:{p}:{m}" for p in args.estimator_presets for m in args.estimator_methods}
                     | {m.weights for m in methods if (m.weights or "").startswith("est:")})  # fmt: skip
     # What a job's result depends on (besides its own settings): the task and the training settings.
-    context = {k: v for k, v in shared.items() if k not in ("output_dir", "cache_dir")}
-    context["model"] = os.path.basename(str(args.model).rstrip("/"))
+    # What each kind of job depends on (its key): the model and the task always, then its own settings only, so that
+    # changing the training settings keeps the estimates and the reference evaluation.
+    task_fields = ("task_seed", "responses_per_prompt", "response_tokens")
+    eval_fields = ("num_samples_per_prompt", "eval_prompts", "max_new_tokens", "beta")
+    depends = {
+        "reference": task_fields + eval_fields,
+        "estimate": task_fields + ("estimator_max_steps",),
+        "train": tuple(k for k in shared if k not in ("model", "output_dir", "cache_dir", "estimator_max_steps")),
+    }
 
     def run_job(pool, kind, fn, payload, key_payload):
+        context = {k: shared[k] for k in depends[kind]} | {"model": os.path.basename(str(args.model).rstrip("/"))}
         key = job_key(kind, {**context, **key_payload, "version": 1})
         hit = cached(jobs_dir, key)
         if hit is not None:
