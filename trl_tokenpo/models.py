@@ -31,6 +31,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -85,7 +86,14 @@ def find_smollm2_gguf() -> Path:
     )
 
 
-def _file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+def _file_sha256(path: Path) -> str:
+    stat = path.stat()
+    return _sha256_of(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _sha256_of(path: str, size: int, mtime_ns: int, chunk: int = 1 << 22) -> str:
+    """SHA-256 of a file, memoized per (path, size, modification time): hashed once per process."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
