@@ -47,7 +47,7 @@ def test_conversion_key_follows_the_file_content(tmp_path):
     a.write_bytes(b"GGUF" + bytes(100))
     b.write_bytes(b"GGUF" + bytes(100))
     assert models._conversion_key(a)[0] == models._conversion_key(b)[0]  # the name does not matter
-    b.write_bytes(b"GGUF" + bytes(99) + b"\x01")
+    b.write_bytes(b"GGUF" + bytes(100) + b"\x01")
     assert models._conversion_key(a)[0] != models._conversion_key(b)[0]
 
 
