@@ -753,6 +753,7 @@ BUILTIN_VARIANTS = [  # (name, label, weights, TISDPOConfig extra)
     ("tisdpo_dpo_norm", "TIS-DPO(D), normalized", "est:tuned:dpo", {"normalize_weights": True}),
     ("tisdpo_dpo_center", "TIS-DPO(D), center", "est:tuned:dpo", {"reward_denoise": "center"}),
     ("tisdpo_dpo_soft2", "TIS-DPO(D), soft_threshold", "est:tuned:dpo", {"reward_denoise": "soft_threshold"}),
+    ("tisdpo_dpo_mu0.25", "TIS-DPO(D), weight_mu 0.25", "est:tuned:dpo", {"weight_mu": 0.25}),
     ("tisdpo_oracle", "TIS-DPO(oracle)", "oracle", {}),
     ("tisdpo_oracle_norm", "TIS-DPO(oracle), normalized", "oracle", {"normalize_weights": True}),
 ]
@@ -965,14 +966,18 @@ def main(argv=None):
         # Priority order (results are cached per job, so an interrupted run keeps what finished): the reference, the
         # estimates TIS-DPO trains on, the trainings, then the estimator presets that are only scored.
         reference_job = run_job(pool, "reference", reference_eval, {"args": shared}, {"reference": 1})
-        training_keys = [k for k in needed if any(m.weights == k for m in methods)]
-        first = submit_estimates(training_keys)
+        # the prompt method scores only (minutes): every preset first; then the estimates TIS-DPO trains on
+        cost = {"prompt": 0, "sft": 1, "dpo": 2}
+        cheap = submit_estimates([k for k in needed if k.endswith(":prompt")])
+        training_keys = sorted([k for k in needed if any(m.weights == k for m in methods) and k not in cheap],
+                               key=lambda k: cost[k.split(":")[2]])  # fmt: skip
+        first = {**cheap, **submit_estimates(training_keys)}
         independent = [m for m in methods if not (m.weights or "").startswith("est:")]
         submit_training(sorted(independent, key=lambda m: PRIORITY.index(m.name) if m.name in PRIORITY else 99))
         for key, job in first.items():
             collect_estimate(key, job)
             submit_training([m for m in methods if m.weights == key])
-        rest = submit_estimates([k for k in needed if k not in training_keys])
+        rest = submit_estimates([k for k in needed if k not in first])
         builtin = builtin_probe(args, pool, jobs_dir) if args.builtin_probe else None
         reference = _result(jobs_dir, reference_job)
         if reference is not None:
