@@ -199,8 +199,8 @@ class SentimentTaskConfig:
     seed: int = 0
     num_eval_subjects: int = 16
     templates_per_subject: int = 4
-    responses_per_prompt: int = 4
-    max_new_tokens: int = 48
+    responses_per_prompt: int = 2
+    max_new_tokens: int = 32
     temperature: float = 1.0
     generation_batch_size: int = 32
 
