@@ -644,8 +644,9 @@ def markdown(summary, task, aurocs, denoise, args, load, compute_log) -> str:
     n_seeds = len(args.seeds)
     if summary["methods"]:
         lines += training_tables(summary, args, n_seeds)
+        lines += ["![reward vs KL frontier on SmolLM2-135M-Instruct](images/real_frontier.png)", ""]
     else:
-        lines += ["(No training run is computed yet.)"]
+        lines += ["(No training run is computed yet.)", ""]
     lines += [
         "**Token-reward estimators** (training completions; positive / negative = tokens of a lexicon word with "
         "positive / negative valence; neutral = every other token)",
