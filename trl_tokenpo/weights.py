@@ -16,7 +16,10 @@ import torch
 
 
 WEIGHT_TRANSFORMS = ("exp", "rank", "threshold_scale")
+REWARD_DENOISERS = ("none", "center", "soft_threshold")
 SIDES = ("chosen", "rejected")
+# Scale factor that turns the median absolute deviation into a standard deviation for Gaussian noise.
+MAD_TO_STD = 1.482602218505602
 
 
 @dataclass(frozen=True)
@@ -31,10 +34,16 @@ class WeightTransform:
     scale_range: tuple[float, float] = (0.7, 1.3)
     scale_threshold: float = 1.5
     normalize: bool = False
+    denoise: str = "none"
+    denoise_threshold: float = 2.0
 
     def __post_init__(self):
         if self.transform not in WEIGHT_TRANSFORMS:
             raise ValueError(f"Unknown weight transform {self.transform!r}; expected one of {WEIGHT_TRANSFORMS}.")
+        if self.denoise not in REWARD_DENOISERS:
+            raise ValueError(f"Unknown reward denoiser {self.denoise!r}; expected one of {REWARD_DENOISERS}.")
+        if self.denoise_threshold < 0:
+            raise ValueError(f"`denoise_threshold` must be >= 0; got {self.denoise_threshold}.")
         for name in ("clamp", "rank_range", "scale_range"):
             low, high = getattr(self, name)
             if not low <= high:
@@ -124,6 +133,49 @@ def threshold_scale_weights(rewards: torch.Tensor, side: str, threshold=1.5, wei
     return low + (high - low) * (signed + threshold) / (2 * threshold)
 
 
+def denoise_rewards(rewards: torch.Tensor, method: str = "soft_threshold", threshold: float = 2.0) -> torch.Tensor:
+    """Remove what looks like estimation noise from one completion's token rewards, before the weight transform.
+
+    Most tokens of a completion carry no preference (the true token reward is sparse), so most estimated rewards are
+    noise around a per-completion offset. With `d_t = r_t - median(r)`:
+
+    - `"center"`: `d_t` (the completion's offset removed: a reward says how a token stands out from its own
+      completion, not how the contrastive pair rates the completion as a whole);
+    - `"soft_threshold"`: `sign(d_t) * max(|d_t| - threshold * sigma, 0)`, with the robust noise scale
+      `sigma = 1.4826 * median(|d|)` (median absolute deviation, the standard deviation for Gaussian noise). Tokens
+      within `threshold` noise deviations of the median get reward 0 (weight `k` under `exp`); the others are shrunk
+      toward 0 by the same amount (soft thresholding, the classic denoiser of a sparse signal in noise);
+    - `"none"`: `r_t` unchanged.
+
+    Args:
+        rewards (`torch.Tensor`): `(T,)` token rewards of one completion.
+        method (`str`): `"none"`, `"center"` or `"soft_threshold"`.
+        threshold (`float`): for `"soft_threshold"`, the dead zone's half-width in robust standard deviations.
+
+    Returns:
+        `torch.Tensor`: `(T,)` float32 rewards (an empty completion is returned unchanged).
+    """
+    if method not in REWARD_DENOISERS:
+        raise ValueError(f"Unknown reward denoiser {method!r}; expected one of {REWARD_DENOISERS}.")
+    rewards = rewards.to(torch.float32)
+    if method == "none" or rewards.numel() == 0:
+        return rewards
+    values = rewards.to(torch.float64)
+    centered = values - _median(values)
+    if method == "soft_threshold":
+        sigma = MAD_TO_STD * _median(centered.abs())
+        centered = centered.sign() * (centered.abs() - threshold * sigma).clamp_min(0.0)
+    return centered.to(torch.float32)
+
+
+def _median(values: torch.Tensor) -> torch.Tensor:
+    """The median of a 1-D tensor, the mean of the two middle values for an even count (torch.median takes the
+    lower one)."""
+    ordered = values.sort().values
+    n = ordered.numel()
+    return (ordered[(n - 1) // 2] + ordered[n // 2]) / 2
+
+
 def normalize_mean_one(weights: torch.Tensor) -> torch.Tensor:
     """Rescale one completion's weights to mean 1 (all-zero weights are returned unchanged)."""
     mean = weights.mean()
@@ -131,7 +183,7 @@ def normalize_mean_one(weights: torch.Tensor) -> torch.Tensor:
 
 
 def rewards_to_weights(rewards: torch.Tensor, side: str, settings: WeightTransform) -> torch.Tensor:
-    """Apply the configured transform (and optional mean-one normalization) to one completion's rewards.
+    """Apply the configured denoiser, transform and optional mean-one normalization to one completion's rewards.
 
     Args:
         rewards (`torch.Tensor`): `(T,)` token rewards `r_t`.
@@ -141,6 +193,7 @@ def rewards_to_weights(rewards: torch.Tensor, side: str, settings: WeightTransfo
     Returns:
         `torch.Tensor`: `(T,)` float32 weights, all `>= 0`.
     """
+    rewards = denoise_rewards(rewards, settings.denoise, settings.denoise_threshold)
     if settings.transform == "exp":
         weights = exp_weights(rewards, side, settings.mu, settings.k, settings.clamp)
     elif settings.transform == "rank":

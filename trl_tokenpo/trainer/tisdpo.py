@@ -22,7 +22,7 @@ from ..data import (
     validate_token_columns,
 )
 from ..fingerprint import fingerprint, jsonable, reference_fingerprint
-from ..weights import WEIGHT_TRANSFORMS, WeightTransform
+from ..weights import REWARD_DENOISERS, WEIGHT_TRANSFORMS, WeightTransform
 from .base import BF16_HELP, Objective, TokenLevelDPOTrainer, resolve_bf16_default
 
 
@@ -32,7 +32,7 @@ WEIGHT_COLUMNS = ("chosen_weights", "rejected_weights")
 # TISDPOConfig fields of the rewards-to-weights transform
 TRANSFORM_FIELDS = (
     "weight_transform", "weight_mu", "weight_k", "weight_clamp", "rank_range", "scale_range", "scale_threshold",
-    "normalize_weights",
+    "normalize_weights", "reward_denoise", "reward_denoise_threshold",
 )  # fmt: skip
 
 
@@ -75,6 +75,15 @@ class TISDPOConfig(DPOConfig):
         normalize_weights (`bool`, *optional*, defaults to `False`):
             Rescale each completion's weights to mean 1 after the transform, keeping the effective `beta` comparable
             with DPO. Applies to rewards-derived weights only.
+        reward_denoise (`str`, *optional*, defaults to `"none"`):
+            Applied to each completion's token rewards before `weight_transform`. `"none"`: rewards as estimated.
+            `"center"`: subtract the completion's median reward. `"soft_threshold"`: center, then shrink every reward
+            toward 0 by `reward_denoise_threshold` robust standard deviations (1.4826 x the median absolute deviation
+            of the completion's centered rewards), so that tokens within that band get reward 0 (weight `weight_k`
+            under `exp`). Meant for estimates that are noisy on tokens without preference (DPO-based ones); see
+            docs/tisdpo.md for when it helps.
+        reward_denoise_threshold (`float`, *optional*, defaults to `2.0`):
+            Half-width of the zero band of `reward_denoise="soft_threshold"`, in robust standard deviations.
     """
 
     tis_kl_term: str = field(
@@ -112,6 +121,17 @@ class TISDPOConfig(DPOConfig):
     )
     normalize_weights: bool = field(
         default=False, metadata={"help": "Rescale each completion's rewards-derived weights to mean 1."}
+    )
+    reward_denoise: str = field(
+        default="none",
+        metadata={
+            "help": "Per completion, before the transform: 'none', 'center' (subtract the median reward) or "
+            "'soft_threshold' (center, then shrink toward 0 by reward_denoise_threshold robust standard deviations).",
+            "choices": list(REWARD_DENOISERS),
+        },
+    )
+    reward_denoise_threshold: float = field(
+        default=2.0, metadata={"help": "Zero band of reward_denoise='soft_threshold', in robust standard deviations."}
     )
     bf16: bool | None = field(default=None, metadata={"help": BF16_HELP})
 
@@ -225,6 +245,8 @@ class TISDPOTrainer(TokenLevelDPOTrainer):
             scale_range=tuple(self.method_args["scale_range"]),
             scale_threshold=self.method_args["scale_threshold"],
             normalize=self.method_args["normalize_weights"],
+            denoise=self.method_args["reward_denoise"],
+            denoise_threshold=self.method_args["reward_denoise_threshold"],
         )
         # Settings that the chosen options leave unused: said, not silently dropped
         unused = []
