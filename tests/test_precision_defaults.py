@@ -1,14 +1,15 @@
-"""The token-level configs' `bf16` default: TRL's (True) where it works, float32 on CPU; explicit values kept."""
+"""The `bf16` default of this package's configs (the trainers' and the estimator's): TRL's (True) where it works,
+float32 on CPU; explicit values kept."""
 
 import pytest
 import transformers.training_args
 import transformers.utils
 from trl import DPOConfig
 
-from trl_tokenpo import TDPOConfig, TISDPOConfig
+from trl_tokenpo import TDPOConfig, TISDPOConfig, WeightEstimatorConfig
 
 
-CONFIGS = [TDPOConfig, TISDPOConfig]
+CONFIGS = [TDPOConfig, TISDPOConfig, WeightEstimatorConfig]
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ __version__ = "0.1.0"
 
 from .data import DataCollatorForTokenPreference, TokenColumn, TokenColumnError
 from .estimator import ContrastiveWeightEstimator, WeightEstimatorConfig
-from .trainer import TDPOConfig, TDPOTrainer, TISDPOConfig, TISDPOTrainer, TokenLevelDPOTrainer
+from .trainer import TDPOConfig, TDPOTrainer, TISDPOConfig, TISDPOTrainer, TokenLevelDPOConfig, TokenLevelDPOTrainer
 from .weights import WeightTransform
 
 
@@ -17,6 +17,7 @@ __all__ = [
     "TISDPOTrainer",
     "TokenColumn",
     "TokenColumnError",
+    "TokenLevelDPOConfig",
     "TokenLevelDPOTrainer",
     "WeightEstimatorConfig",
     "WeightTransform",

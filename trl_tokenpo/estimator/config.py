@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
 from transformers import TrainingArguments
+
+from ..precision import resolve_bf16_default
 
 
 # The system prompts of the TIS-DPO paper (Liu et al., ICLR 2025), spelled as the paper spells them.
@@ -49,7 +50,8 @@ class WeightEstimatorConfig(TrainingArguments):
 
     > - `learning_rate`, `num_train_epochs`, `weight_decay`: depend on `method` when left unset (see below).
     > - `logging_steps`: `10` instead of `500`.
-    > - `bf16`: `True` only when a CUDA device with bfloat16 support is used (never on CPU), instead of `False`.
+    > - `bf16`: unset means `True` on a bf16-capable accelerator (without `fp16` or `use_cpu`) and `False` (float32)
+    >   elsewhere, as in the trainers' configs, instead of `False`.
     > - `save_strategy`: `"no"` instead of `"steps"` (the estimator saves the adapters itself).
     > - `gradient_checkpointing`: `True` instead of `False`, as in TRL's `SFTConfig` / `DPOConfig` (the adapter
     >   training then needs no more activation memory than the trainer that uses the weights).
@@ -204,8 +206,8 @@ class WeightEstimatorConfig(TrainingArguments):
     bf16: bool | None = field(
         default=None,
         metadata={
-            "help": "Train the adapters in bf16 mixed precision. Defaults to True only on a CUDA device that supports "
-            "bfloat16 (never on CPU or with fp16)."
+            "help": "Train the adapters in bf16 mixed precision. If not set: True on a bf16-capable accelerator unless fp16 "
+            "or use_cpu is set, False (float32) on CPU."
         },
     )
     gradient_checkpointing: bool = field(
@@ -261,10 +263,7 @@ class WeightEstimatorConfig(TrainingArguments):
         for name, value in METHOD_TRAINING_DEFAULTS[self.method].items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
-        if self.bf16 is None:
-            self.bf16 = bool(
-                not self.fp16 and not self.use_cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-            )
+        resolve_bf16_default(self)
         super().__post_init__()
         if self.cache_dir is None:
             self.cache_dir = f"{self.output_dir}/score_cache"

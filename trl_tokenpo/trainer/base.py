@@ -19,7 +19,7 @@ import json
 import os
 import re
 import warnings
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import torch
 from accelerate.logging import get_logger
@@ -34,6 +34,7 @@ from trl.trainer.utils import use_adapter
 from .. import losses
 from ..files import atomic_write_json
 from ..kernels import TokenStats, TokenStatsRequest, add_token_stats_head
+from ..precision import BF16_HELP, resolve_bf16_default
 from ..quantization import keep_4bit_layout
 
 
@@ -50,30 +51,25 @@ NON_MODEL_KEYS = frozenset(
 )
 METRIC_OUTPUTS = ("entropy", "mean_logits", "is_top1")
 
-BF16_HELP = (
-    "Whether to use bf16 (mixed) precision instead of 32-bit. If not set: True on a bf16-capable accelerator (TRL's "
-    "default there) unless fp16 or use_cpu is set, False (float32) on CPU."
-)
+@dataclass
+class TokenLevelDPOConfig(DPOConfig):
+    r"""
+    Base configuration of the token-level trainers ([`TDPOConfig`], [`TISDPOConfig`]).
 
+    Everything of [`~trl.DPOConfig`] applies (see each trainer's documentation for the few options it refuses), except
+    that an unset `bf16` is `True` only where TRL's default works (a bf16 accelerator, no `fp16`, no `use_cpu`) and
+    `False` (float32) on CPU, so `TDPOConfig(output_dir=...)` also runs there; a value you set is kept.
 
-def resolve_bf16_default(config: DPOConfig) -> None:
-    """Resolve an unset `bf16` of a token-level config before `DPOConfig` does.
-
-    TRL turns an unset `bf16` into `True` (unless `fp16`), which transformers refuses on a machine without a bf16
-    accelerator, and which keeps bf16 autocast under `use_cpu=True`. Here an unset `bf16` becomes `True` exactly where
-    that default works (a bf16-capable accelerator, `use_cpu` off, `fp16` off), and `False` (float32) elsewhere. A value
-    the user sets is never changed: an explicit `bf16=True` without a bf16 device is an error that says what to do.
+    Parameters:
+        bf16 (`bool` or `None`, *optional*, defaults to `None`):
+            Whether to use bf16 (mixed) precision; `None` resolves as above.
     """
-    from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
 
-    device = is_torch_bf16_gpu_available() or is_torch_xla_available()
-    if config.bf16 is None:
-        config.bf16 = bool(not config.fp16 and not config.use_cpu and device)
-    elif config.bf16 and not config.use_cpu and not device:
-        raise ValueError(
-            f"{type(config).__name__}(bf16=True) needs a bf16-capable accelerator, and this machine has none. Leave "
-            "bf16 unset (or False) to train in float32, or also set use_cpu=True to train with bf16 autocast on CPU."
-        )
+    bf16: bool | None = field(default=None, metadata={"help": BF16_HELP})
+
+    def __post_init__(self):
+        resolve_bf16_default(self)
+        super().__post_init__()
 
 
 @dataclass

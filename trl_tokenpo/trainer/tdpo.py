@@ -6,23 +6,21 @@ import textwrap
 from dataclasses import dataclass, field
 
 from accelerate.logging import get_logger
-from trl import DPOConfig
 
 from .. import losses
-from .base import BF16_HELP, Objective, TokenLevelDPOTrainer, resolve_bf16_default
+from .base import Objective, TokenLevelDPOConfig, TokenLevelDPOTrainer
 
 
 logger = get_logger(__name__)
 
 
 @dataclass
-class TDPOConfig(DPOConfig):
+class TDPOConfig(TokenLevelDPOConfig):
     r"""
     Configuration class for the [`TDPOTrainer`].
 
-    Everything of [`~trl.DPOConfig`] applies (see the trainer's documentation for the few options it refuses), except
-    that an unset `bf16` is `True` only where TRL's default works (a bf16 accelerator, no `fp16`, no `use_cpu`) and
-    `False` (float32) on CPU, so `TDPOConfig(output_dir=...)` also runs there; a value you set is kept. Plus:
+    Everything of [`~trl.DPOConfig`] applies (see the trainer's documentation for the few options it refuses), with
+    the CPU-friendly `bf16` default of [`TokenLevelDPOConfig`], plus:
 
     Parameters:
         alpha (`float`, *optional*, defaults to `0.5`):
@@ -49,11 +47,6 @@ class TDPOConfig(DPOConfig):
             "choices": ["tdpo1", "tdpo2"],
         },
     )
-    bf16: bool | None = field(default=None, metadata={"help": BF16_HELP})
-
-    def __post_init__(self):
-        resolve_bf16_default(self)
-        super().__post_init__()
 
 
 class TDPOTrainer(TokenLevelDPOTrainer):

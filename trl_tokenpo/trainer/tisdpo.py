@@ -10,7 +10,6 @@ import torch
 from accelerate.logging import get_logger
 from accelerate.utils import is_peft_model
 from datasets import Dataset
-from trl import DPOConfig
 
 from .. import losses
 from ..data import (
@@ -23,7 +22,7 @@ from ..data import (
 )
 from ..fingerprint import fingerprint, jsonable, reference_fingerprint
 from ..weights import REWARD_DENOISERS, WEIGHT_TRANSFORMS, WeightTransform
-from .base import BF16_HELP, Objective, TokenLevelDPOTrainer, resolve_bf16_default
+from .base import Objective, TokenLevelDPOConfig, TokenLevelDPOTrainer
 
 
 logger = get_logger(__name__)
@@ -37,13 +36,12 @@ TRANSFORM_FIELDS = (
 
 
 @dataclass
-class TISDPOConfig(DPOConfig):
+class TISDPOConfig(TokenLevelDPOConfig):
     r"""
     Configuration class for the [`TISDPOTrainer`].
 
-    Everything of [`~trl.DPOConfig`] applies (see the trainer's documentation for the few options it refuses), except
-    that an unset `bf16` is `True` only where TRL's default works (a bf16 accelerator, no `fp16`, no `use_cpu`) and
-    `False` (float32) on CPU, so `TISDPOConfig(output_dir=...)` also runs there; a value you set is kept. Plus:
+    All [`~trl.DPOConfig`] options apply but the few the trainer refuses (see its documentation), and `bf16` defaults
+    as in [`TokenLevelDPOConfig`] (float32 on CPU). The TIS-DPO fields:
 
     Parameters:
         tis_kl_term (`str`, *optional*, defaults to `"none"`):
@@ -133,11 +131,6 @@ class TISDPOConfig(DPOConfig):
     reward_denoise_threshold: float = field(
         default=2.0, metadata={"help": "Zero band of reward_denoise='soft_threshold', in robust standard deviations."}
     )
-    bf16: bool | None = field(default=None, metadata={"help": BF16_HELP})
-
-    def __post_init__(self):
-        resolve_bf16_default(self)
-        super().__post_init__()
 
 
 class TISDPOTrainer(TokenLevelDPOTrainer):

@@ -1,0 +1,34 @@
+"""The precision default of this package's configs: TRL's `bf16=True` where it works, float32 on CPU."""
+
+from __future__ import annotations
+
+from transformers import TrainingArguments
+
+
+__all__ = ["BF16_HELP", "resolve_bf16_default"]
+
+BF16_HELP = (
+    "Whether to use bf16 (mixed) precision instead of 32-bit. If not set: True on a bf16-capable accelerator (TRL's "
+    "default there) unless fp16 or use_cpu is set, False (float32) on CPU."
+)
+
+
+def resolve_bf16_default(config: TrainingArguments) -> None:
+    """Resolve an unset `bf16` of one of this package's configs, before `TrainingArguments.__post_init__` runs.
+
+    TRL's configs turn an unset `bf16` into `True` (unless `fp16`), which transformers refuses on a machine without a
+    bf16 accelerator, and which keeps bf16 autocast under `use_cpu=True`. Here an unset `bf16` becomes `True` exactly
+    where that default works (a bf16-capable accelerator, `use_cpu` off, `fp16` off), and `False` (float32) elsewhere.
+    A value the user sets is never changed: an explicit `bf16=True` without a bf16 device is an error that says what to
+    do.
+    """
+    from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
+
+    device = is_torch_bf16_gpu_available() or is_torch_xla_available()
+    if config.bf16 is None:
+        config.bf16 = bool(not config.fp16 and not config.use_cpu and device)
+    elif config.bf16 and not config.use_cpu and not device:
+        raise ValueError(
+            f"{type(config).__name__}(bf16=True) needs a bf16-capable accelerator, and this machine has none. Leave "
+            "bf16 unset (or False) to train in float32, or also set use_cpu=True to train with bf16 autocast on CPU."
+        )
