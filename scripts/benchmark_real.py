@@ -136,6 +136,8 @@ def parse_args(argv=None):
     p.add_argument("--num_samples_per_prompt", type=int, default=None, help="Default 2 (quick 1).")
     p.add_argument("--eval_prompts", type=int, default=None, help="Held-out prompts sampled (default all 64; quick 16).")
     p.add_argument("--max_new_tokens", type=int, default=32, help="Generation length of the evaluation samples.")
+    p.add_argument("--train_pairs", type=int, default=None,
+                   help="Use only the first N training pairs for the estimators and the trainers (default: all; quick 64).")  # fmt: skip
     p.add_argument("--workers", type=int, default=2, help="Parallel processes (1 torch thread each).")
     p.add_argument("--builtin_probe", action="store_true",
                    help="Also measure normalize_weights and reward_denoise on the built-in task (TIS-DPO(S), (D), "
@@ -157,6 +159,7 @@ def parse_args(argv=None):
         args.estimator_presets = args.estimator_presets or ["tuned"]
         args.num_samples_per_prompt = args.num_samples_per_prompt or 1
         args.eval_prompts = args.eval_prompts or 16
+        args.train_pairs = args.train_pairs or 64
         args.no_probes = True
         if args.output_dir == "outputs/benchmark_real":
             args.output_dir = "outputs/benchmark_real_quick"
@@ -198,8 +201,20 @@ def _task(a):
     if _TASK is None:
         from trl_tokenpo.sentiment import build_sentiment_task
 
-        _TASK = build_sentiment_task(task_config(a), cache_dir=a["cache_dir"], progress=False)
+        _TASK = _subset(build_sentiment_task(task_config(a), cache_dir=a["cache_dir"], progress=False), a)
     return _TASK
+
+
+def _subset(task, a):
+    """Keep the first `train_pairs` training pairs (all when unset): the same pairs in every process."""
+    n = a.get("train_pairs")
+    if n:
+        if n < 1:
+            raise SystemExit(f"--train_pairs must be at least 1, got {n}")
+        n = min(n, len(task.train_dataset))
+        task.train_dataset = task.train_dataset.select(range(n))
+        task.pair_scores["train"] = {side: values[:n] for side, values in task.pair_scores["train"].items()}
+    return task
 
 
 def _eval_prompts(task, a):
@@ -626,7 +641,8 @@ def markdown(summary, task, aurocs, denoise, args, load, compute_log) -> str:
         f"{task.config.responses_per_prompt} responses per prompt sampled at temperature {task.config.temperature}, "
         f"{task.config.max_new_tokens} new tokens at most ({100 * stats['train']['unfinished_rate']:.0f} % hit the "
         f"cap); VADER compound of the training pairs: chosen {_avg(task.pair_scores['train']['chosen']):+.3f}, "
-        f"rejected {_avg(task.pair_scores['train']['rejected']):+.3f}.",
+        f"rejected {_avg(task.pair_scores['train']['rejected']):+.3f}"
+        + (f" (the first {len(task.train_dataset)} pairs, used by every job: --train_pairs)." if args.train_pairs else "."),
         "",
         f"Training: LoRA r {LORA['r']} (alpha {LORA['lora_alpha']}, all linear layers), lr {args.learning_rate}, "
         f"{args.batch_size} pairs per step, {args.max_steps} steps, beta {args.beta}, seeds {args.seeds}; evaluation "
@@ -891,11 +907,13 @@ def main(argv=None):
     shared = {k: getattr(args, k) for k in (
         "model", "task_seed", "responses_per_prompt", "response_tokens", "cache_dir", "output_dir", "beta",
         "learning_rate", "batch_size", "max_steps", "checkpoints", "num_samples_per_prompt", "eval_prompts",
-        "max_new_tokens")}  # fmt: skip
+        "max_new_tokens", "train_pairs")}  # fmt: skip
     shared["estimator_max_steps"] = 2 if args.quick else None
     print(f"[real] building / loading the sentiment task ({args.model})", flush=True)
-    task = build_sentiment_task(task_config(shared), cache_dir=args.cache_dir, num_threads=1)
+    task = _subset(build_sentiment_task(task_config(shared), cache_dir=args.cache_dir, num_threads=1), shared)
     print(f"[real] task: {task.stats} ({task.build_seconds:.0f}s)", flush=True)
+    if args.train_pairs:
+        print(f"[real] using the first {len(task.train_dataset)} training pairs", flush=True)
     tokenized = tokenize_preference_dataset(task.train_dataset, task.tokenizer)
     truth = token_truth(task, tokenized)
 
@@ -916,12 +934,14 @@ def main(argv=None):
     eval_fields = ("num_samples_per_prompt", "eval_prompts", "max_new_tokens", "beta")
     depends = {
         "reference": task_fields + eval_fields,
-        "estimate": task_fields + ("estimator_max_steps",),
+        "estimate": task_fields + ("estimator_max_steps", "train_pairs"),
         "train": tuple(k for k in shared if k not in ("model", "output_dir", "cache_dir", "estimator_max_steps")),
     }
 
     def run_job(pool, kind, fn, payload, key_payload):
         context = {k: shared[k] for k in depends[kind]} | {"model": os.path.basename(str(args.model).rstrip("/"))}
+        if context.get("train_pairs") is None:
+            context.pop("train_pairs", None)  # all pairs: the keys of runs made before the option existed
         key = job_key(kind, {**context, **key_payload, "version": 1})
         hit = cached(jobs_dir, key)
         if hit is not None:

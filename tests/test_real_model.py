@@ -333,3 +333,25 @@ def test_job_cache_round_trip_and_collect_only(tmp_path):
     bench.store(str(tmp_path), key, {"x": 1})
     assert bench._result(str(tmp_path), (key, None, None)) == {"x": 1}
     assert bench._NoPool(max_workers=2).submit(print, 1) is None
+
+
+def test_train_pairs_subset_keeps_pairs_and_scores_aligned():
+    from types import SimpleNamespace
+
+    bench = _benchmark_module()
+    rows = {"prompt": [f"p{i}" for i in range(10)], "chosen": [f"c{i}" for i in range(10)],
+            "rejected": [f"r{i}" for i in range(10)]}  # fmt: skip
+    scores = {"chosen": [float(i) for i in range(10)], "rejected": [-float(i) for i in range(10)]}
+
+    def task():
+        return SimpleNamespace(train_dataset=Dataset.from_dict(rows),
+                               pair_scores={"train": {k: list(v) for k, v in scores.items()}, "eval": {}})  # fmt: skip
+
+    sub = bench._subset(task(), {"train_pairs": 4})
+    assert sub.train_dataset["chosen"] == ["c0", "c1", "c2", "c3"]
+    assert sub.pair_scores["train"] == {"chosen": [0.0, 1.0, 2.0, 3.0], "rejected": [-0.0, -1.0, -2.0, -3.0]}
+    assert len(bench._subset(task(), {"train_pairs": 50}).train_dataset) == 10  # more than there are: all
+    assert len(bench._subset(task(), {"train_pairs": None}).train_dataset) == 10  # unset: all
+    with pytest.raises(SystemExit, match="--train_pairs"):
+        bench._subset(task(), {"train_pairs": -1})
+    assert bench.parse_args(["--quick"]).train_pairs == 64 and bench.parse_args([]).train_pairs is None
