@@ -640,39 +640,45 @@ COLORS = {
 }  # fmt: skip
 
 
-def plot_frontier(summary, path):
+def plot_frontier(summary, path, *, colors=None, reference_label="SFT reference",
+                  ylabel="oracle reward of sampled responses", title=None, hide=lambda name: name == "tdpo2_a0",
+                  dashed=lambda name, entry: name.endswith("_paper"), point_size=12, point_alpha=0.45, legend_fontsize=8):
+    """Reward vs sampled KL, DPO vs TDPO (left) and DPO vs TIS-DPO (right): each method's points and their upper
+    envelope. `summary`: {"reference": {"reward_mean"}, "methods": {name: {"label", "points": [{"kl", "reward"}]}}}
+    (mean, std pairs). The defaults draw the built-in task's plot; scripts/benchmark_real.py passes its own labels."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    colors = COLORS if colors is None else colors
+    title = title or ("Reward vs KL on the built-in task. Dots: (beta, checkpoint) points, mean over seeds; "
+                      "lines: their upper envelope (best reward within a KL budget)")  # fmt: skip
     ref = summary["reference"]
     groups = [
         ("DPO vs TDPO", lambda n: n == "dpo" or n.startswith("tdpo")),
         ("DPO vs TIS-DPO", lambda n: n == "dpo" or n.startswith("tisdpo")),
     ]
     fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
-    for ax, (title, keep) in zip(axes, groups):
-        ax.scatter([0.0], [ref["reward_mean"]], marker="*", s=150, color="k", zorder=5, label="SFT reference")
+    for ax, (group_title, keep) in zip(axes, groups):
+        ax.scatter([0.0], [ref["reward_mean"]], marker="*", s=150, color="k", zorder=5, label=reference_label)
         for name, entry in summary["methods"].items():
-            if not keep(name) or name == "tdpo2_a0":
+            if not keep(name) or hide(name):
                 continue
             kl = [p["kl"][0] for p in entry["points"]]
             rw = [p["reward"][0] for p in entry["points"]]
-            color = COLORS.get(name)
-            ax.scatter(kl, rw, s=12, color=color, alpha=0.45)
+            color = colors.get(name)
+            ax.scatter(kl, rw, s=point_size, color=color, alpha=point_alpha)
             front = pareto([(0.0, ref["reward_mean"]), *zip(kl, rw)])
-            style = "--" if name.endswith("_paper") else "-"
-            ax.plot([p[0] for p in front], [p[1] for p in front], ls=style, lw=1.6, color=color, label=entry["label"],
-                    drawstyle="steps-post")  # fmt: skip
-        ax.set_title(title)
+            ax.plot([p[0] for p in front], [p[1] for p in front], ls="--" if dashed(name, entry) else "-", lw=1.6,
+                    color=color, label=entry["label"], drawstyle="steps-post")  # fmt: skip
+        ax.set_title(group_title)
         ax.set_xscale("symlog", linthresh=1.0)
         ax.set_xlabel("KL(policy ‖ reference), sampled, nats per response (symlog)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    axes[0].set_ylabel("oracle reward of sampled responses")
-    fig.suptitle("Reward vs KL on the built-in task. Dots: (beta, checkpoint) points, mean over seeds; "
-                 "lines: their upper envelope (best reward within a KL budget)", fontsize=10)  # fmt: skip
+        ax.legend(fontsize=legend_fontsize)
+    axes[0].set_ylabel(ylabel)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -45,8 +45,9 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchmark_quality import _mean_std, auroc, frontier_at, pareto  # noqa: E402
+from benchmark_quality import _mean_std, auroc, frontier_at  # noqa: E402
 from benchmark_quality import _setup_worker as bq_setup_worker  # noqa: E402
+from benchmark_quality import plot_frontier as bq_plot_frontier  # noqa: E402
 
 
 DOCS_START, DOCS_END = "<!-- quality:real:start -->", "<!-- quality:real:end -->"
@@ -708,40 +709,13 @@ COLORS = {
 
 
 def plot_frontier(summary, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ref = summary["reference"]
-    groups = [
-        ("DPO vs TDPO", lambda n: n == "dpo" or n.startswith("tdpo")),
-        ("DPO vs TIS-DPO", lambda n: n == "dpo" or n.startswith("tisdpo")),
-    ]
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
-    for ax, (title, keep) in zip(axes, groups):
-        ax.scatter([0.0], [ref["reward_mean"]], marker="*", s=150, color="k", zorder=5, label="untrained model")
-        for name, entry in summary["methods"].items():
-            if not keep(name):
-                continue
-            kl = [p["kl"][0] for p in entry["points"]]
-            rw = [p["reward"][0] for p in entry["points"]]
-            color = COLORS.get(name)
-            ax.scatter(kl, rw, s=14, color=color, alpha=0.6)
-            front = pareto([(0.0, ref["reward_mean"]), *zip(kl, rw)])
-            ax.plot([p[0] for p in front], [p[1] for p in front], ls="--" if entry["probe"] else "-", lw=1.6,
-                    color=color, label=entry["label"], drawstyle="steps-post")  # fmt: skip
-        ax.set_title(title)
-        ax.set_xscale("symlog", linthresh=1.0)
-        ax.set_xlabel("KL(policy ‖ reference), sampled, nats per response (symlog)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    axes[0].set_ylabel("VADER compound of sampled responses")
-    fig.suptitle("SmolLM2-135M-Instruct, sentiment task, LoRA. Dots: checkpoints (mean over seeds); lines: upper "
-                 "envelope (best compound within a KL budget); dashed: one-seed probes", fontsize=10)  # fmt: skip
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    bq_plot_frontier(
+        summary, path, colors=COLORS, reference_label="untrained model", ylabel="VADER compound of sampled responses",
+        title="SmolLM2-135M-Instruct, sentiment task, LoRA. Dots: checkpoints (mean over seeds); lines: upper envelope "
+        "(best compound within a KL budget); dashed: one-seed probes",
+        hide=lambda name: False, dashed=lambda name, entry: entry["probe"], point_size=14, point_alpha=0.6,
+        legend_fontsize=7,
+    )
 
 
 def write_docs(path, body):
