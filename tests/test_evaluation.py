@@ -72,7 +72,9 @@ def test_sequence_logps_left_padded_matches_unpadded_rows(models, one_thread):
 
 def test_sampling_logps_equal_a_forward_pass(models, one_thread):
     policy, _, tokenizer = models
-    samples = sample_responses(policy, tokenizer, PROMPTS, 3, max_new_tokens=12, seed=0, batch_size=4, return_logps=True)
+    samples = sample_responses(
+        policy, tokenizer, PROMPTS, 3, max_new_tokens=12, seed=0, batch_size=4, return_logps=True
+    )
     assert len(samples.logps) == len(samples) == 9
     assert [len(x) for x in samples.logps] == [len(c) for c in samples.completion_ids]
     forward, entropy = sequence_logps(policy, samples.prompt_ids, samples.completion_ids, tokenizer.pad_token_id,

@@ -325,16 +325,6 @@ def test_docs_section_is_replaced_between_its_markers(tmp_path):
     assert page.read_text().count(bench.DOCS_START) == 1 and "newer" in page.read_text() and "new table" not in page.read_text()
 
 
-def test_job_cache_round_trip_and_collect_only(tmp_path):
-    bench = _benchmark_module()
-    key = bench.job_key("train", {"method": "dpo", "seed": 0})
-    assert key == bench.job_key("train", {"seed": 0, "method": "dpo"}) and key != bench.job_key("train", {"seed": 1})
-    assert bench._result(str(tmp_path), (key, None, None)) is None  # --collect_only: not computed
-    bench.store(str(tmp_path), key, {"x": 1})
-    assert bench._result(str(tmp_path), (key, None, None)) == {"x": 1}
-    assert bench._NoPool(max_workers=2).submit(print, 1) is None
-
-
 def test_train_pairs_subset_keeps_pairs_and_scores_aligned():
     from types import SimpleNamespace
 
@@ -347,11 +337,196 @@ def test_train_pairs_subset_keeps_pairs_and_scores_aligned():
         return SimpleNamespace(train_dataset=Dataset.from_dict(rows),
                                pair_scores={"train": {k: list(v) for k, v in scores.items()}, "eval": {}})  # fmt: skip
 
-    sub = bench._subset(task(), {"train_pairs": 4})
+    sub = bench._subset(task(), 4)
     assert sub.train_dataset["chosen"] == ["c0", "c1", "c2", "c3"]
     assert sub.pair_scores["train"] == {"chosen": [0.0, 1.0, 2.0, 3.0], "rejected": [-0.0, -1.0, -2.0, -3.0]}
-    assert len(bench._subset(task(), {"train_pairs": 50}).train_dataset) == 10  # more than there are: all
-    assert len(bench._subset(task(), {"train_pairs": None}).train_dataset) == 10  # unset: all
+    assert len(bench._subset(task(), 50).train_dataset) == 10  # more than there are: all
+    assert len(bench._subset(task(), None).train_dataset) == 10  # unset: all
     with pytest.raises(SystemExit, match="--train_pairs"):
-        bench._subset(task(), {"train_pairs": -1})
+        bench.parse_args(["--train_pairs", "-1"])
     assert bench.parse_args(["--quick"]).train_pairs == 64 and bench.parse_args([]).train_pairs is None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Fast: device selection, job planning, and the docs generated from job files (no model)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_device_and_precision_selection():
+    bench = _benchmark_module()
+    cpu = bench.resolve_device("auto", cuda_available=False, cpu_count=2)
+    assert cpu == {"device": "cpu", "bf16": False, "workers": 2, "threads": 1, "sample_batch": 64, "pair_batch": 8}
+    assert bench.precision_kwargs(cpu) == {"use_cpu": True, "bf16": False, "fp16": False}
+    gpu = bench.resolve_device("auto", cuda_available=True, bf16_supported=True, cpu_count=16)
+    assert gpu["device"] == "cuda" and gpu["workers"] == 8 and gpu["sample_batch"] == 128
+    assert bench.precision_kwargs(gpu) == {"use_cpu": False, "bf16": True, "fp16": False}
+    old_gpu = bench.resolve_device("cuda", cuda_available=True, bf16_supported=False, cpu_count=4)
+    assert bench.precision_kwargs(old_gpu) == {"use_cpu": False, "bf16": False, "fp16": False} and old_gpu["workers"] == 2
+    assert bench.resolve_device("cpu", cuda_available=True)["device"] == "cpu"  # asked for: CPU even with a GPU
+    assert bench.resolve_device("auto", cuda_available=False, workers=1, threads=2)["threads"] == 2
+    with pytest.raises(SystemExit, match="no CUDA device"):
+        bench.resolve_device("cuda", cuda_available=False)
+    # the CPU fields make valid trainer and estimator configs on this machine (TRL's bf16 default would raise here)
+    from trl import DPOConfig
+
+    from trl_tokenpo import WeightEstimatorConfig
+
+    config = DPOConfig(output_dir="unused", **bench.precision_kwargs(cpu))
+    assert config.use_cpu and not config.bf16
+    kw = bench.precision_kwargs(cpu)
+    assert not WeightEstimatorConfig(output_dir="unused", use_cpu=kw["use_cpu"], bf16=kw["bf16"]).bf16
+
+
+TASK_META = {
+    "fingerprint": "f" * 16, "model": "tiny", "config": {"responses_per_prompt": 2, "temperature": 1.0, "max_new_tokens": 32},
+    "stats": {"train": {"num_pairs": 10, "num_prompts": 11, "num_tied_prompts": 1, "unfinished_rate": 0.5},
+              "eval": {"num_pairs": 20, "num_prompts": 8}},
+    "pair_scores": {"train": {"chosen": [0.5], "rejected": [0.1]}},
+    "build": {"wall_s": 60.0, "cpu_s": 30.0},
+}  # fmt: skip
+
+
+def test_plan_fingerprints_dependencies_and_priorities():
+    bench = _benchmark_module()
+    jobs = {j.name: j for j in bench.plan(bench.parse_args([]), TASK_META)}
+    assert "reference" in jobs and {"estimate-tuned-dpo", "estimate-tuned-sft", "estimate-tuned-prompt"} <= set(jobs)
+    assert not any("estimate-default" in n for n in jobs) and not any("_norm" in n for n in jobs)  # no probes
+    for method in ("dpo", "tdpo2_a0.5", "tdpo2_a0.1", "tisdpo_dpo", "tisdpo_sft", "tisdpo_prompt", "tisdpo_oracle",
+                   "tisdpo_uniform", "tdpo1", "tisdpo_random"):  # fmt: skip
+        assert {f"train-{method}-s{s}" for s in (0, 1, 2)} <= set(jobs)
+    assert jobs["train-tisdpo_dpo-s1"].needs == ["estimate-tuned-dpo"] and jobs["train-dpo-s0"].needs == []
+    # the seed is in the name, not in the fingerprint; the settings are
+    assert jobs["train-dpo-s0"].fingerprint == jobs["train-dpo-s2"].fingerprint
+    assert jobs["train-dpo-s0"].fingerprint != jobs["train-tdpo2_a0.5-s0"].fingerprint
+    other = {j.name: j for j in bench.plan(bench.parse_args(["--max_steps", "48"]), TASK_META)}
+    assert other["train-dpo-s0"].fingerprint != jobs["train-dpo-s0"].fingerprint
+    assert other["estimate-tuned-dpo"].fingerprint == jobs["estimate-tuned-dpo"].fingerprint  # estimates are kept
+    assert other["reference"].fingerprint == jobs["reference"].fingerprint
+    # a TIS-DPO run depends on the estimate it trains on
+    assert jobs["train-tisdpo_dpo-s0"].settings["estimate"] == jobs["estimate-tuned-dpo"].fingerprint
+    # scheduling order: reference, then the main rows (DPO, TDPO2 0.5, TIS-DPO D and S, uniform) before the rest
+    order = [j.name for j in sorted(jobs.values(), key=lambda j: j.priority)]
+    assert order[0] == "reference" and order.index("estimate-tuned-dpo") < order.index("train-tisdpo_dpo-s0")
+    assert order.index("train-tisdpo_uniform-s2") < order.index("train-tisdpo_oracle-s0") < order.index("train-tdpo1-s0")
+    # parts: methods and seeds select jobs
+    part = {j.name for j in bench.plan(bench.parse_args(["--methods", "tisdpo_sft", "--seeds", "2"]), TASK_META)}
+    assert part == {"reference", "estimate-tuned-sft", "train-tisdpo_sft-s2"}
+    quick = {j.name for j in bench.plan(bench.parse_args(["--quick"]), TASK_META)}
+    assert quick == {"reference", "estimate-tuned-prompt", "train-dpo-s0", "train-tdpo2_a0.5-s0", "train-tisdpo_prompt-s0",
+                     "train-tisdpo_oracle-s0"}  # fmt: skip
+    with pytest.raises(SystemExit, match="Unknown methods"):
+        bench.parse_args(["--methods", "ppo"])
+
+
+def _record(bench, job, checkpoints, pairs, loss=0.5):
+    return {"kind": job.kind, "name": job.name, "fingerprint": job.fingerprint, "seed": job.payload.get("seed"),
+            "settings": job.settings, "commit": "abc123", "label": job.name,
+            "environment": {"device": "cpu (test)", "training_precision": "float32"},
+            "timing": {"wall_s": 120.0, "cpu_s": 60.0, "train_s": 90.0},
+            "method": job.payload.get("method", {}).get("name"), "checkpoints": checkpoints, "pairs": pairs,
+            "train_log": [{"step": 4, "loss": loss}]}  # fmt: skip
+
+
+def _point(step, kl, reward, entropy=3.0):
+    return {"step": step, "kl_mean": kl, "reward_mean": reward, "reward_sem": 0.03, "entropy_mean": entropy,
+            "eos_rate": 0.2, "length_mean": 30.0, "num_samples": 8}  # fmt: skip
+
+
+def test_docs_are_generated_from_the_job_files_alone(tmp_path):
+    bench = _benchmark_module()
+    data = tmp_path / "data"
+    args = bench.parse_args(["--methods", "dpo", "tdpo2_a0.5", "tisdpo_uniform", "--seeds", "0", "1", "2",
+                             "--data_dir", str(data), "--output_dir", str(tmp_path / "out"), "--checkpoints", "2",
+                             "--max_steps", "4", "--task_file", str(tmp_path / "task.json")])  # fmt: skip
+    bench._write_json(args.task_file, TASK_META)
+    jobs = {j.name: j for j in bench.plan(args, TASK_META)}
+    ref = jobs["reference"]
+    bench._write_json(data / ref.filename, _record(bench, ref, [_point(0, 0.0, 0.2)], {"preference_accuracy": 0.0}) |
+                      {"label": "reference"})  # fmt: skip
+    # DPO: KL 0.5 -> 3.0 over steps 2, 4. TDPO2: KL 0.5 -> 1.5 (never reaches 2 or 4), higher reward at KL 1
+    dpo = {0: (0.3, 0.5), 1: (0.32, 0.6), 2: (0.28, 0.4)}
+    for seed, (r2, r4) in dpo.items():
+        for name in ("dpo", "tisdpo_uniform"):
+            job = jobs[f"train-{name}-s{seed}"]
+            rec = _record(bench, job, [_point(2, 0.5, r2), _point(4, 3.0, r4)],
+                          {"preference_accuracy": 0.6 + 0.05 * seed, "seq_fkl_chosen": 3.0, "seq_fkl_rejected": 3.1})  # fmt: skip
+            bench._write_json(data / job.filename, rec)
+        job = jobs[f"train-tdpo2_a0.5-s{seed}"]
+        bench._write_json(data / job.filename, _record(bench, job, [_point(2, 0.5, r2 + 0.1), _point(4, 1.5, r4)],
+                          {"preference_accuracy": 0.65 + 0.05 * seed, "seq_fkl_chosen": 1.0 + 0.1 * seed,
+                           "seq_fkl_rejected": 1.1}))  # fmt: skip
+    (data / "train-dpo-s0-000000000000.json").write_text("{}")  # other settings: left out
+    reference, summary, estimates, records, missing = bench.collect(args, TASK_META, list(jobs.values()))
+    assert missing == [] and len(records) == 10 and estimates == {}
+    # reward at KL 1 along DPO seed 0: between (0.5, 0.3) and (3.0, 0.5) -> 0.3 + 0.2 * 0.5 / 2.5 = 0.34
+    assert summary["dpo"]["matched"][1.0][0] == pytest.approx(0.34)
+    assert summary["tdpo2_a0.5"]["matched"][4.0] == {0: None, 1: None, 2: None}  # not reached: missing, no extrapolation
+    # TDPO2 - DPO at KL 1, by seed: 0.45 - 0.34, 0.51 - 0.376, 0.39 - 0.304 = 0.11, 0.134, 0.086: mean 0.11,
+    # s = 0.024, half width 4.3026527 * 0.024 / sqrt(3) = 0.059619
+    diff = summary["tdpo2_a0.5"]["vs_dpo"]["kl1"]
+    assert diff.n == 3 and diff.mean == pytest.approx(0.11) and diff.half_width == pytest.approx(0.059619, abs=1e-6)
+    assert summary["tdpo2_a0.5"]["vs_dpo"]["kl4"].n == 0
+    body = bench.markdown(args, TASK_META, reference, summary, estimates, records, missing, ["cpu (test), float32"])
+    assert "| TDPO2 α=0.5 | 0,1,2 |" in body and "– (0/3)" in body  # KL 4 not reached by any TDPO2 seed
+    assert "seeds [0, 1, 2]" in body and "Student-t" in body and "paired by seed" in body
+    assert "TDPO2 (α=0.5) keeps the sequence KL below DPO's (end of training)" in body
+    seq = [line for line in body.splitlines() if line.startswith("| TDPO2 (α=0.5) keeps the sequence KL")][0]
+    assert seq.endswith("| holds seq. FKL chosen; holds seq. FKL rejected |")
+    assert "max absolute difference 0.0e+00 in compound" in body  # uniform = DPO
+    assert "| task build (sampling the pairs) | 1 | 0 | 1 |" in body and "| **total** | 11 |" in body
+    bench.plot_frontier(reference, summary, str(tmp_path / "frontier.png"))
+    assert (tmp_path / "frontier.png").stat().st_size > 10_000
+    # rows with fewer seeds are named; missing jobs are listed
+    (data / jobs["train-tdpo2_a0.5-s2"].filename).unlink()
+    reference, summary, estimates, records, missing = bench.collect(args, TASK_META, list(jobs.values()))
+    body = bench.markdown(args, TASK_META, reference, summary, estimates, records, missing, ["cpu"])
+    assert "Rows with fewer than 3 seeds: TDPO2 α=0.5 (2)" in body and "train-tdpo2_a0.5-s2" in body
+
+
+def test_task_file_round_trip_and_refusals(tmp_path):
+    from trl_tokenpo.sentiment import load_sentiment_task, task_fingerprint
+
+    tokenizer = _bpe_tokenizer()
+    tokenizer.save_pretrained(tmp_path / "model")
+    rows = [{"prompt": [{"role": "user", "content": "q"}], "chosen": [{"role": "assistant", "content": "good"}],
+             "rejected": [{"role": "assistant", "content": "bad"}]}]  # fmt: skip
+    prompts = [[{"role": "user", "content": "p"}]]
+    meta = {"fingerprint": task_fingerprint(rows, rows, prompts), "model": "model", "config": {"seed": 3},
+            "stats": {}, "pair_scores": {}, "eval_prompts": prompts, "train": rows, "eval": rows}  # fmt: skip
+    path = tmp_path / "task.json"
+    path.write_text(__import__("json").dumps(meta))
+    task = load_sentiment_task(str(path), model_path=str(tmp_path / "model"))
+    assert task.train_dataset.to_list() == rows and task.config.seed == 3 and task.eval_prompts == prompts
+    with pytest.raises(ValueError, match="needs model_path"):
+        load_sentiment_task(str(path))
+    meta["train"][0]["chosen"][0]["content"] = "great"
+    path.write_text(__import__("json").dumps(meta))
+    with pytest.raises(ValueError, match="was changed after it was written"):
+        load_sentiment_task(str(path), model_path=str(tmp_path / "model"))
+
+
+@pytest.mark.slow
+def test_benchmark_script_end_to_end_on_the_real_model(tmp_path):
+    """The whole pipeline at toy size on CPU: task file -> jobs (reference, DPO, uniform-weight TIS-DPO) -> job files
+    -> docs section and plot generated from the files; uniform weights reproduce DPO exactly at every checkpoint."""
+    _real_model_path()
+    bench = _benchmark_module()
+    argv = ["--methods", "dpo", "tisdpo_uniform", "--seeds", "0", "--max_steps", "2", "--checkpoints", "1",
+            "--eval_prompts", "3", "--num_samples_per_prompt", "1", "--eval_pairs", "2", "--train_pairs", "8",
+            "--workers", "1", "--data_dir", str(tmp_path / "data"), "--output_dir", str(tmp_path / "out"),
+            "--images_dir", str(tmp_path), "--docs", str(tmp_path / "benchmarks.md")]  # fmt: skip
+    (tmp_path / "benchmarks.md").write_text(f"# B\n\n{bench.DOCS_START}\nold\n{bench.DOCS_END}\n")
+    assert bench.main(argv)
+    files = sorted(p.name for p in (tmp_path / "data").iterdir())
+    assert [f.rsplit("-", 1)[0] for f in files] == ["reference", "train-dpo-s0", "train-tisdpo_uniform-s0"]
+    records = {f.rsplit("-", 1)[0]: __import__("json").loads((tmp_path / "data" / f).read_text()) for f in files}
+    dpo, uniform = records["train-dpo-s0"], records["train-tisdpo_uniform-s0"]
+    assert [c["step"] for c in dpo["checkpoints"]] == [1, 2] and dpo["environment"]["training_precision"] == "float32"
+    assert dpo["timing"]["cpu_s"] > 0 and dpo["commit"] and dpo["settings"]["task"] == records["reference"]["settings"]["task"]
+    for a, b in zip(dpo["checkpoints"], uniform["checkpoints"]):
+        assert a["reward_mean"] == b["reward_mean"] and a["kl_mean"] == pytest.approx(b["kl_mean"], abs=1e-4)
+    mtime = {f: (tmp_path / "data" / f).stat().st_mtime_ns for f in files}
+    assert bench.main(argv + ["--collect_only", "--write-docs"])  # nothing is recomputed; docs from the files
+    assert {f: (tmp_path / "data" / f).stat().st_mtime_ns for f in files} == mtime
+    page = (tmp_path / "benchmarks.md").read_text()
+    assert "| DPO | 0 |" in page and "old" not in page and (tmp_path / "real_frontier.png").is_file()

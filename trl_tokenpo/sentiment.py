@@ -50,6 +50,7 @@ __all__ = [
     "VaderJudge",
     "build_sentiment_task",
     "load_sentiment_task",
+    "task_fingerprint",
 ]
 
 TASK_FORMAT_VERSION = "1"
@@ -247,6 +248,24 @@ class SentimentTask:
         """Lexicon valence per token of each tokenized completion (see :meth:`VaderJudge.token_reward_of_ids`)."""
         return [self.judge.token_reward_of_ids(ids, self.tokenizer) for ids in completion_ids]
 
+    def to_json_dict(self) -> dict[str, Any]:
+        """The task as one JSON-serializable dict: config, pairs, held-out prompts, pair scores, stats, and the content
+        fingerprint (:func:`task_fingerprint`). The model is named, not included (its directory name when it is a
+        directory: a converted model's name carries its own fingerprint)."""
+        model = os.path.basename(self.model_path.rstrip("/")) if os.path.isdir(self.model_path) else self.model_path
+        train, evaluation = self.train_dataset.to_list(), self.eval_dataset.to_list()
+        return {
+            "format_version": TASK_FORMAT_VERSION,
+            "fingerprint": task_fingerprint(train, evaluation, self.eval_prompts),
+            "model": model,
+            "config": {**self.config.to_dict(), "model": model},
+            "stats": self.stats,
+            "pair_scores": self.pair_scores,
+            "eval_prompts": self.eval_prompts,
+            "train": train,
+            "eval": evaluation,
+        }
+
     def save(self, path: str | os.PathLike) -> str:
         path = os.fspath(path)
         os.makedirs(path, exist_ok=True)
@@ -265,13 +284,44 @@ class SentimentTask:
         return path
 
 
+def task_fingerprint(train_rows: Sequence[dict], eval_rows: Sequence[dict], eval_prompts: Sequence) -> str:
+    """SHA-256 (first 16 hex digits) of the task's content: its training pairs, held-out pairs and held-out prompts.
+    Results computed on the same pairs share it, whichever machine built or loaded them."""
+    payload = json.dumps([list(train_rows), list(eval_rows), list(eval_prompts)], sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
 def load_sentiment_task(path: str | os.PathLike, model_path: str | None = None) -> SentimentTask:
-    """Load a task written by :meth:`SentimentTask.save`. The model is not part of it: it is read from ``model_path``
-    (default: where it was when the task was built)."""
-    from datasets import load_from_disk
+    """Load a task written by :meth:`SentimentTask.save` (a directory) or a JSON file written from
+    :meth:`SentimentTask.to_json_dict`. The model is not part of it: it is read from ``model_path`` (default: where it
+    was when the task was built; a JSON file needs ``model_path``). A JSON file whose content does not match its
+    fingerprint is refused."""
+    from datasets import Dataset, load_from_disk
     from transformers import AutoTokenizer
 
     path = os.fspath(path)
+    if path.endswith(".json"):
+        with open(path) as f:
+            meta = json.load(f)
+        if model_path is None:
+            raise ValueError(f"Loading the task file {path} needs model_path (it names its model: {meta['model']!r}).")
+        found = task_fingerprint(meta["train"], meta["eval"], meta["eval_prompts"])
+        if found != meta["fingerprint"]:
+            raise ValueError(
+                f"The task file {path} was changed after it was written (content fingerprint {found}, recorded "
+                f"{meta['fingerprint']}): restore it (git checkout) or delete it to build the task again."
+            )
+        return SentimentTask(
+            config=SentimentTaskConfig(**{**meta["config"], "model": model_path}),
+            model_path=model_path,
+            tokenizer=AutoTokenizer.from_pretrained(model_path),
+            train_dataset=Dataset.from_list(meta["train"]),
+            eval_dataset=Dataset.from_list(meta["eval"]),
+            eval_prompts=meta["eval_prompts"],
+            judge=VaderJudge(),
+            pair_scores=meta["pair_scores"],
+            stats=meta.get("stats", {}),
+        )
     with open(os.path.join(path, "sentiment_task.json")) as f:
         meta = json.load(f)
     model_path = model_path or meta["model_path"]
