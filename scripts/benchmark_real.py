@@ -177,7 +177,7 @@ def parse_args(argv=None):
     p.add_argument("--eval_pairs", type=int, default=None, help="Held-out pairs scored (default all 61; quick 16).")
     p.add_argument("--train_pairs", type=int, default=None,
                    help="Use only the first N training pairs for the estimators and the trainers (default all; quick 64).")  # fmt: skip
-    p.add_argument("--kl_budgets", type=float, nargs="+", default=[1.0, 2.0, 4.0],
+    p.add_argument("--kl_budgets", type=float, nargs="+", default=[1.0, 2.0, 4.0, 8.0],
                    help="Sampled-KL values at which the rewards of the trajectories are compared (interpolated).")  # fmt: skip
     p.add_argument("--list", action="store_true", help="List the jobs of this selection, done or missing; run nothing.")
     p.add_argument("--collect_only", action="store_true",
@@ -398,12 +398,23 @@ def plan(args, task_meta) -> list[Job]:
     return jobs
 
 
+def _dumps(value, depth=0) -> str:
+    """JSON with one key per line, but every list of plain values (a row of token rewards) on one line."""
+    pad, inner = " " * depth, " " * (depth + 1)
+    if isinstance(value, dict) and value:
+        items = [f"{inner}{json.dumps(str(k), ensure_ascii=False)}: {_dumps(v, depth + 1)}" for k, v in value.items()]
+        return "{\n" + ",\n".join(items) + f"\n{pad}}}"
+    if isinstance(value, (list, tuple)) and any(isinstance(v, (dict, list, tuple)) for v in value):
+        return "[\n" + ",\n".join(f"{inner}{_dumps(v, depth + 1)}" for v in value) + f"\n{pad}]"
+    return json.dumps(value, ensure_ascii=False)
+
+
 def _write_json(path, value):
+    """Write atomically (a file is either absent or complete, whatever interrupts the run)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
-        json.dump(value, f, indent=1, ensure_ascii=False, allow_nan=True)
-        f.write("\n")
+        f.write(_dumps(value) + "\n")
     os.replace(tmp, path)
 
 
@@ -1026,7 +1037,7 @@ def markdown(args, task_meta, reference, summary, estimates, records, missing, e
                 "**Equivalence check**: TIS-DPO with every weight 1 against DPO, same seed, every checkpoint: max "
                 f"absolute difference {eq['reward_mean']:.1e} in compound, {eq['kl_mean']:.1e} in sampled KL, "
                 f"{eq['preference_accuracy']:.1e} in accuracy, {eq['final_loss']:.1e} in the final training loss "
-                f"({eq['pairs']} seeds).",
+                f"(seeds compared: {eq['pairs']}).",
                 "",
             ]
     else:

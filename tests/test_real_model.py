@@ -515,7 +515,7 @@ def test_benchmark_script_end_to_end_on_the_real_model(tmp_path):
             "--eval_prompts", "3", "--num_samples_per_prompt", "1", "--eval_pairs", "2", "--train_pairs", "8",
             "--workers", "1", "--data_dir", str(tmp_path / "data"), "--output_dir", str(tmp_path / "out"),
             "--images_dir", str(tmp_path), "--docs", str(tmp_path / "benchmarks.md")]  # fmt: skip
-    (tmp_path / "benchmarks.md").write_text(f"# B\n\n{bench.DOCS_START}\nold\n{bench.DOCS_END}\n")
+    (tmp_path / "benchmarks.md").write_text(f"# B\n\n{bench.DOCS_START}\nOLD-SECTION\n{bench.DOCS_END}\n")
     assert bench.main(argv)
     files = sorted(p.name for p in (tmp_path / "data").iterdir())
     assert [f.rsplit("-", 1)[0] for f in files] == ["reference", "train-dpo-s0", "train-tisdpo_uniform-s0"]
@@ -529,4 +529,4 @@ def test_benchmark_script_end_to_end_on_the_real_model(tmp_path):
     assert bench.main(argv + ["--collect_only", "--write-docs"])  # nothing is recomputed; docs from the files
     assert {f: (tmp_path / "data" / f).stat().st_mtime_ns for f in files} == mtime
     page = (tmp_path / "benchmarks.md").read_text()
-    assert "| DPO | 0 |" in page and "old" not in page and (tmp_path / "real_frontier.png").is_file()
+    assert "| DPO | 0 |" in page and "OLD-SECTION" not in page and (tmp_path / "real_frontier.png").is_file()
