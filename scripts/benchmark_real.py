@@ -557,7 +557,7 @@ def train_one(job: Job) -> dict:
     """Train one (method, seed) with LoRA; evaluate the end of training (with the held-out pairs) and the checkpoints."""
     import torch
     from peft import LoraConfig
-    from transformers import TrainerCallback
+    from transformers import PrinterCallback, TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
     from trl_tokenpo import TDPOConfig, TDPOTrainer, TISDPOConfig, TISDPOTrainer
@@ -602,6 +602,7 @@ def train_one(job: Job) -> dict:
         model=task.model_path, args=config, train_dataset=dataset, processing_class=task.tokenizer,
         peft_config=LoraConfig(**LORA), callbacks=[snapshots],
     )  # fmt: skip
+    trainer.remove_callback(PrinterCallback)  # the log stays in the job file (train_log), not on the console
     trainer.train()
     train_s = time.perf_counter() - start
     policy = trainer.model
