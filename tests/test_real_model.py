@@ -412,8 +412,7 @@ def test_plan_fingerprints_dependencies_and_priorities():
     part = {j.name for j in bench.plan(bench.parse_args(["--methods", "tisdpo_sft", "--seeds", "2"]), TASK_META)}
     assert part == {"reference", "estimate-tuned-sft", "train-tisdpo_sft-s2"}
     quick = {j.name for j in bench.plan(bench.parse_args(["--quick"]), TASK_META)}
-    assert quick == {"reference", "estimate-tuned-prompt", "train-dpo-s0", "train-tdpo2_a0.5-s0", "train-tisdpo_prompt-s0",
-                     "train-tisdpo_oracle-s0"}  # fmt: skip
+    assert quick == {"reference", "estimate-tuned-prompt", "train-dpo-s0", "train-tdpo2_a0.5-s0", "train-tisdpo_prompt-s0"}
     with pytest.raises(SystemExit, match="Unknown methods"):
         bench.parse_args(["--methods", "ppo"])
 
