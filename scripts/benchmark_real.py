@@ -390,9 +390,14 @@ def plan(args, task_meta) -> list[Job]:
     for m in methods:
         est = estimates.get(m.weights)
         for seed in args.seeds[:1] if m.probe else args.seeds:
+            priority = 100 * order[m.name] + seed
+            if m.name == "tisdpo_uniform" and seed != args.seeds[0]:
+                # every weight 1 is DPO by construction (checked exactly on the first seed): its other seeds come after
+                # the methods whose result is open (TDPO2 alpha 0.1 included), before the prompt estimator's row
+                priority = 100 * order["tdpo2_a0.1"] + 50 + seed
             settings = {**base, "eval": evaluation, "training": training, "method": m.spec(),
                         "estimate": est.fingerprint if est else None}  # fmt: skip
-            jobs.append(Job("train", f"train-{m.name}-s{seed}", settings, priority=100 * order[m.name] + seed,
+            jobs.append(Job("train", f"train-{m.name}-s{seed}", settings, priority=priority,
                             needs=[est.name] if est else [], payload={"method": asdict(m), "seed": seed,
                             "estimate_file": est.filename if est else None}))  # fmt: skip
     return jobs

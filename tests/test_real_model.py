@@ -407,7 +407,9 @@ def test_plan_fingerprints_dependencies_and_priorities():
     # scheduling order: reference, then the main rows (DPO, TDPO2 0.5, TIS-DPO D and S, uniform) before the rest
     order = [j.name for j in sorted(jobs.values(), key=lambda j: j.priority)]
     assert order[0] == "reference" and order.index("estimate-tuned-dpo") < order.index("train-tisdpo_dpo-s0")
-    assert order.index("train-tisdpo_uniform-s2") < order.index("train-tisdpo_oracle-s0") < order.index("train-tdpo1-s0")
+    assert order.index("train-tisdpo_sft-s2") < order.index("train-tisdpo_uniform-s0") < order.index("train-tisdpo_oracle-s0")
+    assert order.index("train-tdpo2_a0.1-s2") < order.index("train-tisdpo_uniform-s1") < order.index("train-tisdpo_prompt-s0")
+    assert order.index("train-tisdpo_prompt-s2") < order.index("train-tdpo1-s0")
     # parts: methods and seeds select jobs
     part = {j.name for j in bench.plan(bench.parse_args(["--methods", "tisdpo_sft", "--seeds", "2"]), TASK_META)}
     assert part == {"reference", "estimate-tuned-sft", "train-tisdpo_sft-s2"}
