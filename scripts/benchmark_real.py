@@ -1121,6 +1121,7 @@ def plot_frontier(reference, summary, path):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     groups = [
         ("DPO vs TDPO", lambda n: n == "dpo" or n.startswith("tdpo")),
@@ -1144,9 +1145,15 @@ def plot_frontier(reference, summary, path):
             if n > 1:
                 ax.fill_between(kl, low, high, color=color, alpha=0.15, lw=0)
         ax.set_title(title)
-        ax.set_xlabel("sampled KL(π ‖ π_ref), nats per response")
+        ax.set_xscale("symlog", linthresh=1.0)  # linear below KL 1, logarithmic above: the budgets 1-8 stay readable
+        largest = max([c["kl_mean"] for n, e in summary.items() if keep(n) and not e["probe"]
+                       for r in e["runs"].values() for c in r["checkpoints"]] + [1.0])  # fmt: skip
+        ax.set_xticks([t for t in (0, 0.5, 1, 2, 4, 8, 16, 32, 64, 128) if t <= largest * 1.05])
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}"))
+        ax.set_xlim(-0.05, largest * 1.15)
+        ax.set_xlabel("sampled KL(π ‖ π_ref), nats per response (linear below 1, log above)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=7, loc="best")
     axes[0].set_ylabel("VADER compound of sampled responses")
     fig.suptitle("SmolLM2-135M-Instruct, sentiment task, LoRA. Dots and thin lines: each seed's checkpoints; thick: "
                  "mean over seeds of the reward interpolated at equal KL (up to the KL every seed reaches), band: 95 % "
