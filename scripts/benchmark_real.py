@@ -177,7 +177,7 @@ def parse_args(argv=None):
     p.add_argument("--eval_pairs", type=int, default=None, help="Held-out pairs scored (default all 61; quick 16).")
     p.add_argument("--train_pairs", type=int, default=None,
                    help="Use only the first N training pairs for the estimators and the trainers (default all; quick 64).")  # fmt: skip
-    p.add_argument("--kl_budgets", type=float, nargs="+", default=[1.0, 2.0, 4.0, 8.0],
+    p.add_argument("--kl_budgets", type=float, nargs="+", default=[1.0, 2.0, 4.0],
                    help="Sampled-KL values at which the rewards of the trajectories are compared (interpolated).")  # fmt: skip
     p.add_argument("--list", action="store_true", help="List the jobs of this selection, done or missing; run nothing.")
     p.add_argument("--collect_only", action="store_true",
