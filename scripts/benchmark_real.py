@@ -793,7 +793,7 @@ def summarize(reference, runs, methods, budgets) -> dict:
         for key in ("reward_mean", "kl_mean", "entropy_mean", "eos_rate", "length_mean", "pair_preference_accuracy",
                     "pair_seq_fkl_chosen", "pair_seq_fkl_rejected"):  # fmt: skip
             entry[key] = mean_ci([v[key] for v in last.values()])
-        entry["train_min"] = mean_ci([r["timing"]["train_s"] / 60 for r in rs.values()])
+        entry["cpu_min"] = mean_ci([r["timing"]["cpu_s"] / 60 for r in rs.values()])
         entry["matched"] = {b: {s: interpolate_at(trajectory(reference, r), b) for s, r in rs.items()} for b in budgets}
         entry["matched_ci"] = {b: mean_ci(v.values()) for b, v in entry["matched"].items()}
         out[m.name] = entry
@@ -985,7 +985,7 @@ def markdown(args, task_meta, reference, summary, estimates, records, missing, e
             f"the Wilson 95 % interval of its mean over the {n_pairs} held-out pairs",
             "",
             "| method | seeds | VADER compound | KL(π‖π_ref) sampled | seq. FKL chosen | seq. FKL rejected | entropy | "
-            "EOS rate | pref. acc. (held-out) | Wilson 95 % | train min / run |",
+            "EOS rate | pref. acc. (held-out) | Wilson 95 % | CPU min / run |",
             "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         from trl_tokenpo.stats import wilson_interval
@@ -997,7 +997,7 @@ def markdown(args, task_meta, reference, summary, estimates, records, missing, e
                 f"| {e['label']} | {','.join(map(str, e['seeds']))} | {_ci(e['reward_mean'], plus=True)} | "
                 f"{_ci(e['kl_mean'], 2)} | {_ci(e['pair_seq_fkl_chosen'], 2)} | {_ci(e['pair_seq_fkl_rejected'], 2)} | "
                 f"{_ci(e['entropy_mean'])} | {_ci(e['eos_rate'], 2)} | {_ci(acc)} | [{low:.2f}, {high:.2f}] | "
-                f"{e['train_min'].mean:.1f} |"
+                f"{e['cpu_min'].mean:.1f} |"
             )
         lines += [
             "",
