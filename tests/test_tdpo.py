@@ -237,3 +237,12 @@ def test_vision_dataset_is_refused(tmp_path, standard_dataset):
     dataset = standard_dataset.add_column("images", [[]] * len(standard_dataset))
     with pytest.raises(ValueError, match="vision"):
         TDPOTrainer(model=policy, ref_model=ref, args=cpu_args(TDPOConfig, tmp_path), train_dataset=dataset, processing_class=tokenizer)
+
+
+def test_logged_sequence_kl_is_clamped_at_zero():
+    # float32 rounding can leave the KL of a policy at the reference a few 1e-7 below 0; the log never shows a KL < 0
+    metrics = {}
+    TDPOTrainer._log_kl_metrics(None, metrics, torch.tensor([-2.7e-6, 2.0, -1e-7, 0.5]))
+    torch.testing.assert_close(metrics["kl/chosen"], torch.tensor([0.0, 2.0]))
+    torch.testing.assert_close(metrics["kl/rejected"], torch.tensor([0.0, 0.5]))
+    torch.testing.assert_close(metrics["kl/margin"], torch.tensor([0.0, 1.5]))

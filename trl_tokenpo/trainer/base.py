@@ -531,8 +531,11 @@ class TokenLevelDPOTrainer(DPOTrainer):
         self._metrics[mode]["logps/rejected"].append(self.accelerator.gather(rejected_logps).mean().item())
 
     def _log_kl_metrics(self, metrics: dict, sequence_kl: torch.Tensor) -> None:
-        """`kl/chosen`, `kl/rejected`, `kl/margin` from the `(2B,)` sequence KLs of the objective."""
-        chosen, rejected = losses.split_pairs(sequence_kl.detach())
+        """`kl/chosen`, `kl/rejected`, `kl/margin` from the `(2B,)` sequence KLs of the objective. Each sequence KL is
+        logged clamped at 0: it is computed in float32 as a difference of log-sum-exps, so a KL of a few 1e-7 (a policy
+        still at the reference) can come out slightly below 0, which a KL never is. The loss uses the values as
+        computed."""
+        chosen, rejected = losses.split_pairs(sequence_kl.detach().clamp_min(0.0))
         metrics["kl/chosen"] = chosen
         metrics["kl/rejected"] = rejected
         metrics["kl/margin"] = chosen - rejected
