@@ -322,14 +322,6 @@ def record_ours(model: Model, tokens: int, lora: bool, method: str, backend: str
     kl = "forward_kl" if method == "tdpo2" else "reverse_kl"
     outputs = (kl,) + METRIC_OUTPUTS  # what TokenLevelDPOTrainer._per_token_stats requests
 
-    def reference_rows(per_row):
-        # TDPO2 detaches the chosen half's forward KL: only the rejected half (the second half of the tokens) needs
-        # the reference's logits, and the backward moves it first; TIS-DPO's reverse KL has a gradient on every token
-        if method == "tdpo2":
-            order = torch.cat([torch.arange(tokens // 2, tokens), torch.arange(tokens // 2)]).to("meta")
-            return tokens - tokens // 2, order
-        return tokens, None
-
     forward_kernel = KernelRecorder(recorder, "fused forward kernel", written=(5,),
                                     exps_per_element=lambda kw: 2 + _softcap_exps(kw, "P_SOFTCAP", "Q_SOFTCAP"))
     backward_kernel = KernelRecorder(
@@ -338,11 +330,15 @@ def record_ours(model: Model, tokens: int, lora: bool, method: str, backend: str
         skip=lambda kw: () if kw["REF"] else (2,),  # without the reference, the policy tile stands in for it
     )
     hidden, weight, ref_hidden, ref_weight, labels = _meta_inputs(model, tokens, lora)
-    patches = dict(_forward_kernel=forward_kernel, _backward_kernel=backward_kernel, _reference_rows=reference_rows)
+    patches = dict(_forward_kernel=forward_kernel, _backward_kernel=backward_kernel)
+    # TDPO2 detaches the chosen half's forward KL: only the rejected half (the second half of the tokens) needs the
+    # reference's logits in the backward; TIS-DPO's reverse KL has a gradient on every token
+    kl_rows = (tokens // 2, tokens) if method == "tdpo2" else None
     with _patched(tiles_triton, **patches), _patched(stats, mm_out_dtype_supported=lambda device: True), \
             _meta_autocast(), recorder.recording():
         results = TokenStatsFunction.apply(
-            hidden, weight, None, ref_hidden, ref_weight, None, labels, 1.0, None, 1.0, None, outputs, None, backend
+            hidden, weight, None, ref_hidden, ref_weight, None, labels, 1.0, None, 1.0, None, outputs, None, backend,
+            kl_rows,
         )
         policy_logps, _, forward_kl, reverse_kl = results[:4]
         kl_value = forward_kl if method == "tdpo2" else reverse_kl

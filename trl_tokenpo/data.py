@@ -8,6 +8,7 @@ the same `max_length` truncation slice, zeros on the padding.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Callable, Sequence
@@ -62,6 +63,69 @@ class TokenColumn:
     allow_negative: bool = True
 
 
+# Batch key of the `BatchLayout` the collator adds
+LAYOUT_KEY = "batch_layout"
+
+
+@dataclass
+class BatchLayout:
+    """What the host knows about a collated `[chosen; rejected]` batch, computed once by the collator from its CPU
+    tensors, so that the training step never has to read it back from the device.
+
+    On CUDA, every read of tensor values by the host (`.item()`, `nonzero`, a boolean-mask index, ...) waits until the
+    GPU has run everything queued before it, and the GPU then idles while the host launches what comes next. The scored
+    positions and the padding of a batch are known on the host when the batch is built: they travel with it in this
+    object, next to the tensors.
+
+    Attributes:
+        index (`torch.Tensor`): `[N]` int64, the scored positions, i.e. the flat indices `row * columns + t` of the
+            shifted `(rows, columns)` layout where `completion_mask[:, 1:]` is 1 (position `t` predicts token `t + 1`),
+            in row-major order. On the CPU as built; `.to(device)` returns a layout whose `index` lives on `device`.
+        rows (`int`): `2B`, the rows of the batch.
+        columns (`int`): `T - 1`, the shifted sequence length.
+        num_chosen (`int`): how many of the `N` positions lie in the chosen half (the first `B` rows); they come
+            first in `index`.
+        padded (`bool`): whether any row has padding (`attention_mask` has a 0).
+    """
+
+    index: torch.Tensor
+    rows: int
+    columns: int
+    num_chosen: int
+    padded: bool
+
+    @classmethod
+    def from_batch(cls, batch: dict[str, torch.Tensor]) -> BatchLayout:
+        """The layout of a collated batch (`completion_mask` and `attention_mask`, `(2B, T)`). On CPU tensors (the
+        collator) this reads nothing from a device; on device tensors it reads the masks back once."""
+        scored = batch["completion_mask"][:, 1:] != 0
+        rows, columns = scored.shape
+        index = scored.reshape(-1).nonzero().squeeze(1)
+        num_chosen = int(scored[: rows // 2].sum())
+        padded = not bool(batch["attention_mask"].all())
+        return cls(index=index, rows=rows, columns=columns, num_chosen=num_chosen, padded=padded)
+
+    @property
+    def num_positions(self) -> int:
+        return self.index.shape[0]
+
+    def to(self, device, non_blocking: bool = False) -> BatchLayout:
+        """The same layout with `index` on `device`. Called by accelerate when it moves the batch; the copy is always
+        non-blocking (the index comes from host memory, pinned by the DataLoader when `dataloader_pin_memory`), so it
+        never makes the host wait."""
+        if self.index.device == torch.device(device):
+            return self
+        return dataclasses.replace(self, index=self.index.to(device, non_blocking=True))
+
+    def pin_memory(self) -> BatchLayout:
+        """Called by the DataLoader's pin-memory thread (`dataloader_pin_memory=True` on CUDA)."""
+        return dataclasses.replace(self, index=self.index.pin_memory())
+
+    def matches(self, input_ids: torch.Tensor) -> bool:
+        """Whether this layout describes a batch of `input_ids`' shape (checked on shapes only, on the host)."""
+        return (self.rows, self.columns + 1) == tuple(input_ids.shape)
+
+
 @dataclass
 class DataCollatorForTokenPreference(DataCollatorForPreference):
     """[`~trl.trainer.dpo_trainer.DataCollatorForPreference`] that also lays out per-token columns.
@@ -69,6 +133,10 @@ class DataCollatorForTokenPreference(DataCollatorForPreference):
     Each [`TokenColumn`] becomes a float32 `(2B, T)` tensor under its `key`, aligned position by position with
     `input_ids` and `completion_mask`: zeros on the prompt and the padding, the column's values on the completion,
     truncated with the same `max_length` / `truncation_mode` slice as the ids.
+
+    With `batch_layout=True` (the default) the batch also carries a [`BatchLayout`] under `"batch_layout"`: the scored
+    positions and the padding, computed here on the host, so that the trainers' steps never read them back from the
+    device. The model never sees it (the trainers strip it from the model's inputs).
 
     Examples:
     ```python
@@ -81,9 +149,12 @@ class DataCollatorForTokenPreference(DataCollatorForPreference):
     """
 
     token_columns: Sequence[TokenColumn] = field(default_factory=tuple)
+    batch_layout: bool = True
 
     def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         output = super().torch_call(examples)
+        if self.batch_layout:
+            output[LAYOUT_KEY] = BatchLayout.from_batch(output)
         for column in self.token_columns:
             rows = []
             for side, name in (("chosen", column.chosen), ("rejected", column.rejected)):
