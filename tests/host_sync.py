@@ -74,6 +74,15 @@ class SyncCounter(TorchDispatchMode):
             self.sites[name][site] += 1
 
     @contextlib.contextmanager
+    def paused(self):
+        """No window counts inside (host-side work such as collating a batch from CPU tensors)."""
+        open_windows, self.open = self.open, []
+        try:
+            yield
+        finally:
+            self.open = open_windows
+
+    @contextlib.contextmanager
     def window(self, name: str):
         self.open.append(name)
         try:
@@ -145,9 +154,17 @@ class StepWindows(TrainerCallback):
 
 def count_step_syncs(trainer, steps=(2,)) -> SyncCounter:
     """Train `trainer` (its `max_steps` steps) and count the syncs of the optimizer steps `steps`: returns the counter,
-    with windows ``"step"``, ``"compute_loss"`` and ``"train"`` (the whole `train()`, logging included)."""
+    with windows ``"step"``, ``"compute_loss"`` and ``"train"`` (the whole `train()`, logging included). The collator
+    is not counted: it builds the batch from CPU tensors on the host, before anything is on the device."""
     counter = SyncCounter()
     trainer.add_callback(StepWindows(counter, trainer, steps))
+    collate = trainer.data_collator.torch_call
+
+    def torch_call(examples):
+        with counter.paused():
+            return collate(examples)
+
+    trainer.data_collator.torch_call = torch_call
     with counter, counter.patched_host_reads(), counter.window("train"):
         trainer.train()
     return counter
