@@ -53,6 +53,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 DOCS = REPO / "docs" / "benchmarks.md"
 MARKERS = ("<!-- roofline:start -->", "<!-- roofline:end -->")
+MEASURED_MARKERS = ("<!-- roofline:measured:start -->", "<!-- roofline:measured:end -->")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -554,7 +555,8 @@ def parse_args(argv=None):
     parser.add_argument("--measure", action="store_true",
                         help="CUDA only: time the LM-head part of a LoRA step of the three implementations for real "
                         "and print it next to the prediction.")
-    parser.add_argument("--markdown", default=None, help="With --measure: also write the measured table to this file.")
+    parser.add_argument("--markdown", default=None,
+                        help="With --measure: also write the measured table to this file, as a docs block.")
     parser.add_argument("--json", default=None,
                         help="With --measure: also write the measured and predicted milliseconds to this JSON file.")
     return parser.parse_args(argv)
@@ -571,9 +573,12 @@ def main(argv=None) -> str:
         figures = {}
         table = measure_table(figures)
         print(table)
-        if args.markdown:
+        if args.markdown:  # a docs block, with its markers (scripts/gpu_check.py --paste puts it into the docs)
             Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.markdown).write_text(table + "\n")
+            Path(args.markdown).write_text(
+                f"{MEASURED_MARKERS[0]}\n### The LM head alone, measured next to the prediction\n\nCommand: "
+                f"`python scripts/roofline.py --measure`.\n\n{table}\n{MEASURED_MARKERS[1]}\n"
+            )
         if args.json:
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             Path(args.json).write_text(json.dumps(figures, indent=1) + "\n")
