@@ -606,7 +606,7 @@ def torch_state() -> str:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description="The one-shot GPU check (run it through scripts/gpu_check.sh; see its header).")
-    parser.add_argument("--parts", nargs="+", choices=PART_NAMES, default=list(PART_NAMES),
+    parser.add_argument("--parts", nargs="+", choices=PART_NAMES, default=None,
                         help="The parts to run, in the check's order (default: all).")
     parser.add_argument("--skip", nargs="+", choices=PART_NAMES, default=[], help="Parts not to run.")
     parser.add_argument("--install-only", action="store_true",
@@ -713,7 +713,7 @@ def run_check(args) -> int:
                         install_figure)]  # fmt: skip
     deadline = started + args.budget  # the install counts too
     for part in PARTS:
-        if part.name not in args.parts or part.name in args.skip:
+        if (args.parts is not None and part.name not in args.parts) or part.name in args.skip:
             continue
         log(f"gpu_check: {part.name}: {part.title} (expected {part.expected_s} s, timeout {part.timeout_s} s) ...")
         outcome = run_part(part, ctx, env, deadline, log)

@@ -66,7 +66,7 @@ def test_a_missing_python_is_refused(tmp_path):
 
 def test_arguments(check):
     args = check.parse_args([])
-    assert args.parts == list(check.PART_NAMES) and args.skip == [] and args.budget == 480 and args.rounds == 3
+    assert args.parts is None and args.skip == [] and args.budget == 480 and args.rounds == 3  # None: every part
     args = check.parse_args(["--parts", "tests", "speed", "--skip", "speed", "--rounds", "2", "--out", "x"])
     assert args.parts == ["tests", "speed"] and args.skip == ["speed"] and args.rounds == 2 and args.out == "x"
     for bad in (["--parts", "nonsense"], ["--rounds", "0"], ["--budget", "-1"], ["--unknown"]):
@@ -269,6 +269,33 @@ def test_the_speed_summary_names_the_ratios(check, tmp_path):
             {"trainer": "tdpo2", "wall_ratio_median": 1.24, "device_ratio_median": 1.004, "syncs": 2}]  # fmt: skip
     (ctx.logs / "speed-gpu.json").write_text(check.json.dumps({"rows": rows}))
     assert check.summarize_speed(ctx, [0, 1]) == ("failed", "4x1024: tdpo2 wall 1.24x, GPU 1.004x, 2 syncs; dpo 21 syncs")
+
+
+@pytest.mark.slow
+def test_a_whole_check_with_stand_in_parts_writes_the_table_and_blocks_and_fails_on_a_failed_part(check, tmp_path,
+                                                                                                     monkeypatch):
+    # Everything but the GPU: here nothing is missing (no WHEELS needed), the environment probe runs for real, and
+    # two stand-in parts (one passes, one fails) take the places of the GPU parts
+    monkeypatch.setattr(check, "gpu_present", lambda: None)
+    monkeypatch.setattr(check, "torch_state", lambda: "cuda")
+    python = [sys.executable, "-c"]
+    monkeypatch.setattr(check, "PARTS", (
+        check.Part("good", "a part that passes", 1, 30, lambda ctx: [python + ["print('fine')"]],
+                   lambda ctx, codes: (check._ok(codes), "figure 1.00x")),
+        check.Part("bad", "a part that fails", 1, 30, lambda ctx: [python + ["raise SystemExit('broken')"]],
+                   lambda ctx, codes: (check._ok(codes), "no figures")),
+    ))  # fmt: skip
+    out = tmp_path / "out"
+    code = check.main(["--out", str(out), "--site", str(tmp_path / "site"), "--commit", "abc1234", "--budget", "120"])
+    assert code == 1
+    summary = (out / "summary.md").read_text()
+    assert summary == (out / "blocks" / "check.md").read_text()
+    assert "commit abc1234" in summary and f"torch {torch.__version__}" in summary and "1 failed or not run (bad)" in summary
+    assert "| install: missing dependencies from WHEELS | ok |" in summary and "| nothing missing |" in summary
+    assert "| good: a part that passes | ok |" in summary and "| bad: a part that fails | failed |" in summary
+    assert "broken" in (out / "logs" / "bad.log").read_text() and "broken" in (out / "gpu_check.log").read_text()
+    assert [o["status"] for o in check.json.loads((out / "results.json").read_text())["outcomes"]] == [
+        "ok", "ok", "failed"]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
