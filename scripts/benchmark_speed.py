@@ -37,9 +37,19 @@ hidden 256, 4 layers, sequence 256, 2 pairs, 1 thread per worker: about 100 s pe
 2 rounds on a 2-core machine under a load average of 6, less when idle; the LM head is 8.2M of the model's 13M
 parameters, so the loss computation weighs as much as it does for a 0.5B model with a 150k vocabulary), ``gpu`` (Qwen2.5-0.5B-shaped: vocabulary 151936, hidden 896, 24 layers, 14 / 2 heads, intermediate 4864,
 tied embeddings, sequence 1024, 4 pairs, bf16, LoRA r=16 on every linear layer with the adapter-disabled model as
-reference; CUDA only; ``scripts/gpu_check.sh`` runs it), ``tiny-lora`` (the ``gpu`` code path at the tiny shape, for a
-CPU smoke test). ``--scaling`` times TDPO2 against DPO as the sequence doubles from
-256 to 2048 tokens on a smaller model.
+reference; CUDA only; ``scripts/gpu_check.sh`` runs it), ``gpu-2k`` (the same model, 8 pairs x 2,048 tokens),
+``gpu-llama8b`` (Llama-3.1-8B's layer and head shapes: hidden 4096, vocabulary 128,256, 32 / 8 heads, intermediate
+14,336, with 2 of its layers; 4 pairs x 1,024, bf16, LoRA), ``tiny-lora`` (the ``gpu`` code path at the tiny shape,
+for a CPU smoke test). The ``gpu*`` models are initialised on the GPU. ``--scaling`` times TDPO2 against DPO as the
+sequence doubles from 256 to 2048 tokens on a smaller model.
+
+``--in-process`` runs every trainer in ONE worker process instead, each on its own copy of the model and the same
+batch, interleaved round by round; per round and trainer: the median of ``--steps`` timed steps, then one step under
+``torch.profiler``. On CUDA that step gives the GPU time (the durations of everything that ran on the GPU, summed) and
+the host syncs (calls that wait for the device, and the host time in them); without a GPU, the operators' CPU time.
+The table gives min and median over rounds, and the ratios to DPO (min / DPO's min; median of same-round ratios);
+memory is the step peak above the memory allocated before the timed steps. ``scripts/gpu_check.sh`` runs it at
+``gpu``, ``gpu-2k`` and ``gpu-llama8b``.
 
 Usage::
 
@@ -49,6 +59,8 @@ Usage::
     python scripts/benchmark_speed.py --size cpu --only-estimator --write-docs   # estimator throughput and memory
     python scripts/benchmark_speed.py --size gpu --write-docs          # on a CUDA machine
     python scripts/benchmark_speed.py --size gpu --no-estimator --markdown outputs/gpu.md   # block to paste
+    python scripts/benchmark_speed.py --size gpu --in-process --trainers dpo tdpo2 tisdpo-reverse --json out.json
+    python scripts/benchmark_speed.py --size tiny-lora --in-process --rounds 2   # the same code path on a CPU
 
 ``--write-docs`` replaces the matching part of the ``## Speed`` section of ``docs/benchmarks.md`` (and creates the
 section, or the file, when missing) with the table, the machine and the exact command.

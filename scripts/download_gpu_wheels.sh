@@ -10,8 +10,10 @@
 #
 # Environment:
 #   PY_VERSION   the GPU machine's Python version (default 3.12; 3.11 for a check of the install step on this machine)
-#   PLATFORMS    pip --platform tags (default: manylinux_2_28 down to manylinux1, x86_64)
-#   EXTRA        more NAME==VERSION wheels, e.g. EXTRA="bitsandbytes==0.50.2" for the QLoRA part (about 60 MB more)
+#   PLATFORMS    pip --platform tags (default: manylinux_2_28, 2_27, 2_24, 2_17, 2014 and 1, x86_64; pip matches
+#                each tag exactly)
+#   EXTRA        more NAME==VERSION wheels, e.g. EXTRA="bitsandbytes==0.50.2" for the QLoRA part (41 MB more: 56 MB in
+#                all, within the 64 MiB that the device tool carries with the repository)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 print_only=
@@ -21,7 +23,7 @@ if [[ ${1:-} == --print ]]; then
 fi
 dest=${1:-.whl}
 py_version=${PY_VERSION:-3.12}
-platforms=${PLATFORMS:-manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux1_x86_64}
+platforms=${PLATFORMS:-manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_24_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux1_x86_64}
 mapfile -t pins < <(sed -e 's/#.*//' -e 's/[[:space:]]//g' scripts/gpu_wheels.txt | grep -v '^$')
 # shellcheck disable=SC2206  # EXTRA is a list of words
 pins+=(${EXTRA:-})

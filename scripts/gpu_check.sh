@@ -33,7 +33,8 @@
 #        WHEELS=.whl bash scripts/gpu_check.sh --commit "$(git rev-parse --short HEAD)"
 #    (a machine with a package index and everything installed needs no WHEELS). Through this workplace's `device` tool,
 #    in one call: carry [".whl"], timeout_s 600, and the command (its OUT is the tool's return folder, at most 8 files:
-#    the results go to /tmp/gpu_check and come back as one archive plus the summary):
+#    the results go to /tmp/gpu_check and come back as one archive plus the summary; --commit names the commit where
+#    the copy there has no .git):
 #        bash scripts/gpu_check.sh --wheels .whl --out /tmp/gpu_check --commit <sha>; s=$?;
 #        tar -czf $OUT/gpu_check.tar.gz -C /tmp gpu_check; cp /tmp/gpu_check/summary.md $OUT/; exit $s
 # 3. Back here: unpack the archive and paste its docs blocks into docs/benchmarks.md (GPU section), verbatim:
