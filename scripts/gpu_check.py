@@ -615,8 +615,8 @@ def parse_args(argv=None):
     parser.add_argument("--paste", metavar="BLOCKS", default=None,
                         help="Put the docs blocks of a finished check (OUT/blocks) into docs/benchmarks.md; no GPU.")
     parser.add_argument("--docs", default=str(DOCS), help="With --paste: the docs file (default docs/benchmarks.md).")
-    parser.add_argument("--out", default=os.environ.get("GPU_CHECK_OUT", "outputs/gpu_check"),
-                        help="Results folder (env GPU_CHECK_OUT; default outputs/gpu_check).")
+    parser.add_argument("--out", default=os.environ.get("GPU_CHECK_OUT", str(REPO / "outputs" / "gpu_check")),
+                        help="Results folder (env GPU_CHECK_OUT; default outputs/gpu_check in the repository).")
     parser.add_argument("--wheels", default=os.environ.get("WHEELS") or None,
                         help="Folder of wheels for what is missing (env WHEELS).")
     parser.add_argument("--site", default=os.environ.get("SITE") or str(Path(tempfile.gettempdir())

@@ -51,11 +51,11 @@
 # machine's does; tests/test_gpu_check.py does this with a venv built that way):
 #     PY_VERSION=3.11 bash scripts/download_gpu_wheels.sh /tmp/wheels
 #     PYTHON=/path/to/python-with-torch-only WHEELS=/tmp/wheels bash scripts/gpu_check.sh --install-only
+# (Relative paths in the options are taken from the current folder; the parts run in the repository.)
 set -uo pipefail
-cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 if ! command -v "$PYTHON" >/dev/null 2>&1; then
     echo "gpu_check: no Python '$PYTHON' here: set PYTHON to the Python that has the CUDA build of torch" >&2
     exit 2
 fi
-exec "$PYTHON" scripts/gpu_check.py "$@"
+exec "$PYTHON" "$(dirname "$0")/gpu_check.py" "$@"
