@@ -453,35 +453,47 @@ def run_trainer_worker(name: str, size: Size, warmup: int, steps: int, seed: int
 
 # Host calls that wait for the device, as the profiler names them (CUDA runtime events on the CPU side)
 SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+# The profiled step's own span (a `record_function` range): the profiler synchronizes the device when it stops, after it
+STEP_LABEL = "benchmark_speed:step"
 
 
 def device_time_totals(events, cuda: bool) -> dict:
     """Totals of one profiled step from ``torch.profiler`` events (``prof.events()``).
 
     CUDA: ``device_ms`` sums the duration of every event that ran on the GPU (kernels, copies, sets: the GPU's work,
-    however the host launched it), ``syncs`` counts the host calls that wait for the device (``SYNC_CALLS``) and
-    ``sync_ms`` is the host time spent in them. CPU (no device): ``device_ms`` is the CPU time of the operators (their
-    self times summed), the work the step asks of the CPU; there are no syncs.
+    however the host launched it), ``syncs`` counts the host calls that wait for the device (``SYNC_CALLS``) inside
+    the step's span (``STEP_LABEL``; the profiler's own synchronize when it stops comes after it) and ``sync_ms`` is
+    the host time spent in them. CPU (no device): ``device_ms`` is the CPU time of the operators (their self times
+    summed; annotated ranges, the step's span among them, left out), the work the step asks of the CPU; there are no
+    syncs.
     """
     from torch.autograd import DeviceType
 
+    cpu_events = [e for e in events if e.device_type == DeviceType.CPU]
+    span = next((e.time_range for e in cpu_events if e.name == STEP_LABEL), None)
     if cuda:
-        device_us = sum(e.time_range.end - e.time_range.start for e in events if e.device_type == DeviceType.CUDA)
-        syncs = [e for e in events if e.device_type == DeviceType.CPU and e.name in SYNC_CALLS]
+        # (annotated ranges, ours and any library's, also appear on the GPU's timeline: they are not work; torch's
+        # own profiler tables leave them out the same way)
+        device_us = sum(e.time_range.end - e.time_range.start for e in events if e.device_type == DeviceType.CUDA
+                        and not getattr(e, "is_user_annotation", False) and e.name != STEP_LABEL)  # fmt: skip
+        syncs = [e for e in cpu_events if e.name in SYNC_CALLS
+                 and (span is None or span.start <= e.time_range.start and e.time_range.end <= span.end)]  # fmt: skip
         return {"device_ms": device_us / 1e3, "syncs": len(syncs),
                 "sync_ms": sum(e.time_range.end - e.time_range.start for e in syncs) / 1e3}
-    cpu_us = sum(e.self_cpu_time_total for e in events if e.device_type == DeviceType.CPU)
+    cpu_us = sum(e.self_cpu_time_total for e in cpu_events
+                 if not getattr(e, "is_user_annotation", False) and e.name != STEP_LABEL)  # fmt: skip
     return {"device_ms": cpu_us / 1e3, "syncs": None, "sync_ms": None}
 
 
 def profiled_step(prepared: TrainerStep, cuda: bool) -> dict:
     """One optimizer step under ``torch.profiler`` (CPU activity, and CUDA's with a GPU): ``device_time_totals``."""
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import ProfilerActivity, profile, record_function
 
     _synchronize()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
-        prepared.run()  # no synchronize of ours inside: the host waits only where the step itself makes it wait
+        with record_function(STEP_LABEL):
+            prepared.run()  # no synchronize of ours: the host waits only where the step itself makes it wait
     return device_time_totals(prof.events(), cuda)
 
 

@@ -60,9 +60,9 @@ def bench():
     return load_script("scripts/benchmark_speed.py")
 
 
-def _event(name, device_type, start_us, end_us, self_cpu_us=0.0):
+def _event(name, device_type, start_us, end_us, self_cpu_us=0.0, annotation=False):
     return types.SimpleNamespace(name=name, device_type=device_type, time_range=types.SimpleNamespace(
-        start=start_us, end=end_us), self_cpu_time_total=self_cpu_us)
+        start=start_us, end=end_us), self_cpu_time_total=self_cpu_us, is_user_annotation=annotation)
 
 
 def test_device_time_totals_take_the_gpu_events_on_cuda_and_the_operators_on_cpu(bench):
@@ -71,6 +71,9 @@ def test_device_time_totals_take_the_gpu_events_on_cuda_and_the_operators_on_cpu
     from torch.autograd import DeviceType
 
     events = [
+        _event(bench.STEP_LABEL, DeviceType.CPU, 0, 345, self_cpu_us=200, annotation=True),  # the step's span
+        _event(bench.STEP_LABEL, DeviceType.CUDA, 20, 332, annotation=True),  # the same span on the GPU's timeline
+        _event("## forward ##", DeviceType.CUDA, 20, 300, annotation=True),  # a library's annotated range
         _event("aten::mm", DeviceType.CPU, 0, 50, self_cpu_us=40),
         _event("cudaLaunchKernel", DeviceType.CPU, 10, 15, self_cpu_us=5),
         _event("ampere_bf16_gemm", DeviceType.CUDA, 20, 320),
@@ -78,10 +81,11 @@ def test_device_time_totals_take_the_gpu_events_on_cuda_and_the_operators_on_cpu
         _event("aten::_local_scalar_dense", DeviceType.CPU, 321, 340, self_cpu_us=4),
         _event("cudaStreamSynchronize", DeviceType.CPU, 322, 335, self_cpu_us=13),
         _event("cudaDeviceSynchronize", DeviceType.CPU, 341, 343, self_cpu_us=2),
+        _event("cudaDeviceSynchronize", DeviceType.CPU, 350, 900, self_cpu_us=550),  # the profiler's, as it stops
     ]
     assert bench.device_time_totals(events, cuda=True) == {"device_ms": 0.302, "syncs": 2, "sync_ms": 0.015}
-    # without a GPU: the operators' CPU time (self times, so nested calls are not counted twice)
-    assert bench.device_time_totals(events, cuda=False) == {"device_ms": 0.064, "syncs": None, "sync_ms": None}
+    # without a GPU: the operators' CPU time (self times, so nested calls are not counted twice; not the span's own)
+    assert bench.device_time_totals(events, cuda=False) == {"device_ms": 0.614, "syncs": None, "sync_ms": None}
 
 
 def test_interleaved_summary_takes_min_and_median_over_rounds_and_same_round_ratios(bench):
