@@ -38,10 +38,14 @@ from trl_tokenpo.kernels import (
 )
 
 
-pytestmark = pytest.mark.skipif(
-    not tiles_triton.available() or not (tiles_triton.interpreted() or torch.cuda.is_available()),
-    reason="needs `triton`, and a CUDA GPU or TRITON_INTERPRET=1 set before triton is imported",
-)
+# `cuda`: on a GPU these run the compiled kernels (scripts/gpu_check.sh selects them with `pytest -m cuda`)
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(
+        not tiles_triton.available() or not (tiles_triton.interpreted() or torch.cuda.is_available()),
+        reason="needs `triton`, and a CUDA GPU or TRITON_INTERPRET=1 set before triton is imported",
+    ),
+]
 
 DEVICE = "cpu" if tiles_triton.interpreted() else "cuda"
 VALUES = ("policy_logps", "ref_logps", "forward_kl", "reverse_kl", "entropy", "mean_logits", "log_sum_sq_probs")
