@@ -50,7 +50,7 @@ def test_train_tisdpo_builtin_pipeline(tmp_path, task_cache):
     rows = report_rows(stdout)
     assert rows["after"][0] > rows["before"][0], rows
     assert rows["before"][1] == 0.0 and rows["after"][1] > 0.0
-    assert (out / "token_token_rewards.html").exists() and (out / "token_token_rewards.png").exists()
+    assert (out / "token_rewards.html").exists() and (out / "token_rewards.png").exists()
     assert (out / "model.safetensors").exists()
     # the second run reuses the fitted adapters and the cached scores
     stdout = run_script(
