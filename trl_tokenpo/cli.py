@@ -64,6 +64,26 @@ def _without(tokens: list[str], removed: list[str]) -> list[str]:
     return rest
 
 
+def explicit_defaults(launch_args: list[str]) -> list[str]:
+    """`launch_args` plus, when no accelerate config applies (no `--config_file`, no `accelerate config` file), the
+    values `accelerate launch` would pick itself for a machine without an accelerator (one process, one machine, no
+    mixed precision, no dynamo), so that it does not print a notice listing them on every run. Anything given (or on
+    a machine with an accelerator, where the number of processes matters) is left to accelerate."""
+    import os
+
+    import torch
+    from accelerate.commands.config.config_args import default_config_file
+
+    if "--config_file" in launch_args or os.path.isfile(default_config_file):
+        return launch_args
+    accelerator = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
+    given = {token.split("=", 1)[0] for token in launch_args}
+    defaults = {"--num_machines": "1", "--mixed_precision": "no", "--dynamo_backend": "no"}
+    if not accelerator:
+        defaults["--num_processes"] = "1"
+    return [*launch_args, *(item for flag, value in defaults.items() if flag not in given for item in (flag, value))]
+
+
 def launch(command: str, launch_args: list[str], script_args: list[str]) -> int:
     """Run `python -m trl_tokenpo.scripts.<command> <script_args>` under `accelerate launch <launch_args>`. When the
     processes fail they have printed why: return their exit status without the launcher's traceback."""
@@ -76,6 +96,7 @@ def launch(command: str, launch_args: list[str], script_args: list[str]) -> int:
         from trl.cli.accelerate_config import resolve_accelerate_config_argument
 
         launch_args = resolve_accelerate_config_argument(launch_args)
+    launch_args = explicit_defaults(launch_args)
     args = launch_command_parser().parse_args([*launch_args, "--module", f"trl_tokenpo.scripts.{command}", *script_args])
     try:
         launch_command(args)
