@@ -40,6 +40,7 @@ fitted in Python) are reused only when every fit setting matches.
 
 import argparse
 import dataclasses
+import importlib.util
 import os
 import re
 import sys
@@ -297,13 +298,16 @@ def main(script_args, training_args, model_args, dataset_args, task_args, est_ar
         )
         os.makedirs(training_args.output_dir, exist_ok=True)
         name = "token_rewards" if column == "token_rewards" else "token_weights"
-        for extension in ("html", "png"):
+        # the PNG needs matplotlib (the viz extra); the HTML needs nothing
+        extensions = ("html", "png") if importlib.util.find_spec("matplotlib") is not None else ("html",)
+        for extension in extensions:
             title = "Estimated token rewards (green: the contrastive pair prefers the token)" if column == "token_rewards" else "Token weights"
             save_token_heatmap(
                 examples, os.path.join(training_args.output_dir, f"{name}.{extension}"), title=title,
                 value_name=column.replace("_", " "), center=0.0 if column == "token_rewards" else 1.0,
             )  # fmt: skip
-        print(f"Heat map of the {column.replace('_', ' ')}: {os.path.join(training_args.output_dir, f'{name}.html')}")
+        note = " (and .png)" if "png" in extensions else " (a .png too with matplotlib: pip install 'trl-tokenpo[viz]')"
+        print(f"Heat map of the {column.replace('_', ' ')}: {os.path.join(training_args.output_dir, f'{name}.html')}{note}")
 
     train_and_report(trainer, training_args, script_args, task, task_args)
 

@@ -139,9 +139,9 @@ def data_file_builder(path: str | None) -> str | None:
     return DATA_FILE_BUILDERS.get(os.path.splitext(name)[1])
 
 
-def _first_bad_json_line(path: str) -> str | None:
-    """"line N: <why>" for the first line of a JSON Lines file that is not a JSON object, or `None` (also when the
-    file is one JSON document, or compressed in a way this does not read)."""
+def _read_json_lines(path: str) -> tuple[list[dict] | None, str | None]:
+    """The rows of a JSON Lines file read with the `json` module, or `(None, "line N: <why>")` for its first line that
+    is not a JSON object (`(None, None)` for one JSON document, or a compression this does not read)."""
     import bz2
     import gzip
     import json
@@ -149,32 +149,44 @@ def _first_bad_json_line(path: str) -> str | None:
 
     opener = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}.get(os.path.splitext(path)[1].lower(), open)
     if path.lower().endswith(".zst"):
-        return None
+        return None, None
+    rows = []
     try:
         with opener(path, "rt", encoding="utf-8") as f:
-            first = f.read(1)
-            if first == "[":
-                return None  # one JSON document: the parser's message is all there is
-            f.seek(0)
             for number, line in enumerate(f, start=1):
                 if not line.strip():
                     continue
+                if number == 1 and line.lstrip().startswith("["):
+                    return None, None  # one JSON document: the parser's message is all there is
                 try:
                     value = json.loads(line.rstrip())
                 except json.JSONDecodeError as error:
-                    return f"line {number}: not valid JSON ({error.msg} at column {error.colno})"
+                    return None, f"line {number}: not valid JSON ({error.msg} at column {error.colno})"
                 if not isinstance(value, dict):
-                    return f"line {number}: a JSON {type(value).__name__}, not an object"
+                    return None, f"line {number}: a JSON {type(value).__name__}, not an object"
+                rows.append(value)
     except (OSError, UnicodeDecodeError) as error:
-        return f"{type(error).__name__}: {error}"
-    return None
+        return None, f"{type(error).__name__}: {error}"
+    return rows, None
 
 
 def _data_file_error(path: str, flag: str, error: BaseException) -> InputError:
-    """The message of a data file that `datasets` could not read: the first bad line of a JSON Lines file, else the
-    deepest cause of the parser's error."""
+    """The message of a data file that `datasets` could not read: the first bad line of a JSON Lines file or its first
+    bad row (`check_preference_rows`, as if `datasets` had read it), else the deepest cause of the parser's error."""
     builder = data_file_builder(path)
-    where = _first_bad_json_line(path) if builder == "json" else None
+    where = None
+    if builder == "json":
+        rows, where = _read_json_lines(path)
+        if rows:  # every line is an object: older `datasets` refuse rows without a field some rows have; name it
+            from datasets import Dataset
+
+            names = list(dict.fromkeys(name for row in rows for name in row))
+            try:
+                dataset = Dataset.from_dict({name: [row.get(name) for row in rows] for name in names})
+            except Exception:  # values Arrow cannot hold in one column: the parser's message below
+                dataset = None
+            if dataset is not None:
+                _checked(dataset, path)
     if where is None:
         cause = error
         while cause.__cause__ is not None or cause.__context__ is not None:
@@ -583,11 +595,12 @@ def parse_command_line(parser, argv, prog, aliases=None, launcher_options=None):
 
 
 def is_user_error(error: BaseException) -> bool:
-    """Whether `error` is bad input rather than a bug: an `InputError`, or a `ValueError` / `TypeError` / `OSError`
-    raised by a check of this package itself (the innermost frame of its traceback is in `trl_tokenpo`)."""
+    """Whether `error` is bad input rather than a bug: an `InputError`, or a `ValueError` / `TypeError` / `OSError` /
+    `ImportError` (an optional dependency) raised by this package itself (the innermost frame of its traceback is in
+    `trl_tokenpo`)."""
     if isinstance(error, InputError):
         return True
-    if not isinstance(error, (ValueError, TypeError, OSError)) or error.__traceback__ is None:
+    if not isinstance(error, (ValueError, TypeError, OSError, ImportError)) or error.__traceback__ is None:
         return False
     innermost = traceback.extract_tb(error.__traceback__)[-1].filename
     return os.path.abspath(innermost).startswith(os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep)
