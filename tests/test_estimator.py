@@ -558,7 +558,7 @@ def test_clear_errors(tiny, tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(tiny)
     estimator = ContrastiveWeightEstimator(tiny, tokenizer, estimator_args(tmp_path, method="dpo"))
     with pytest.raises(
-        ValueError, match=r"dataset: no row has a `chosen` and `rejected` column \(its columns: prompt, good\)"
+        ValueError, match=r"dataset: no `chosen` or `rejected` column \(its columns: prompt, good\)"
     ):
         estimator.estimate(Dataset.from_list([{"prompt": "a", "good": "b"}]))
     with pytest.raises(ValueError, match="empty"):

@@ -236,10 +236,11 @@ def check_preference_rows(dataset: Dataset | IterableDataset, source: str, noun:
         return
     missing = [c for c in ("chosen", "rejected") if c not in dataset.column_names]
     if missing:
-        names = " and ".join(f"`{c}`" for c in missing)
+        names = " or ".join(f"`{c}`" for c in missing)
+        absent = f"no row has a {names} field" if noun == "field" else f"no {names} {noun}"
         raise InputError(
-            f"{source}: no row has a {names} {noun} (its {noun}s: {', '.join(dataset.column_names) or 'none'}). "
-            f"{PREFERENCE_FORMAT}: add the {noun}, or rename the one that holds it."
+            f"{source}: {absent} (its {noun}s: {', '.join(dataset.column_names) or 'none'}). {PREFERENCE_FORMAT}: "
+            f"add the {noun}, or rename the one that holds it."
         )
     columns = [c for c in TEXT_COLUMNS if c in dataset.column_names]
     problems: dict[tuple[str, str], list[int]] = {}  # (kind, column) -> rows, in the order found
