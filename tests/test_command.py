@@ -355,3 +355,14 @@ def test_accelerate_launch_quiet_ends_with_the_message(data, tiny_model_dir):
     status, last, output = run(command, data)
     assert status != 0 and "Traceback" not in output, output
     assert last.startswith("trl-tokenpo tdpo: error: wrong_type.jsonl, row 2 (0-based), field `chosen`: expected a string")
+
+
+@pytest.mark.slow
+def test_several_processes_end_with_the_message(data, tiny_model_dir):
+    """Two CPU processes (torch.distributed's launcher, which logs each failure after the processes' own output):
+    `trl-tokenpo` prints the processes' error line again, last."""
+    command = [console_command(), "tdpo", "--multi_gpu", "--num_processes", "2",
+               *user_args("tdpo", tiny_model_dir, "pairs.jsonl", "--max_length", "2", "--report_to", "none")[1:]]  # fmt: skip
+    status, last, output = run(command, data)
+    assert status == 2, output
+    assert last.startswith("trl-tokenpo tdpo: error: All 8 rows of the train dataset were dropped"), output[-3000:]

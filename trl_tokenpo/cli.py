@@ -85,28 +85,43 @@ def explicit_defaults(launch_args: list[str]) -> list[str]:
 
 
 def launch(command: str, launch_args: list[str], script_args: list[str]) -> int:
-    """Run `python -m trl_tokenpo.scripts.<command> <script_args>` under `accelerate launch <launch_args>`. When the
-    processes fail they have printed why: return their exit status without the launcher's traceback."""
+    """Run `python -m trl_tokenpo.scripts.<command> <script_args>` under `accelerate launch <launch_args>` and return
+    its exit status. Failed processes have printed why: no launcher traceback follows. With several processes,
+    torch.distributed's launcher logs each failure after their own lines, so the error line a process wrote on bad
+    input (to the file `ERROR_FILE_ENV` names) is printed again, last."""
+    import os
     import subprocess
+    import tempfile
 
     from accelerate.commands.launch import launch_command, launch_command_parser
+
+    from .scripts.utils import ERROR_FILE_ENV
 
     launch_args = list(launch_args)
     if "--accelerate_config" in launch_args:
         from trl.cli.accelerate_config import resolve_accelerate_config_argument
 
         launch_args = resolve_accelerate_config_argument(launch_args)
-    launch_args = explicit_defaults(launch_args)
-    args = launch_command_parser().parse_args([*launch_args, "--module", f"trl_tokenpo.scripts.{command}", *script_args])
-    try:
-        launch_command(args)
-    except subprocess.CalledProcessError as error:  # one process (accelerate's simple launcher)
-        return error.returncode or 1
-    except Exception as error:  # several processes: torch.distributed's ChildFailedError
-        if type(error).__name__ != "ChildFailedError":
-            raise
-        return 1
-    return 0
+    script = ["--module", f"trl_tokenpo.scripts.{command}"]
+    args = launch_command_parser().parse_args([*explicit_defaults(launch_args), *script, *script_args])
+    with tempfile.TemporaryDirectory(prefix="trl-tokenpo-") as folder:
+        os.environ[ERROR_FILE_ENV] = os.path.join(folder, "error")
+        try:
+            launch_command(args)
+            return 0
+        except subprocess.CalledProcessError as error:  # one process (accelerate's simple launcher)
+            return error.returncode or 1
+        except Exception as error:  # several processes: torch.distributed's ChildFailedError
+            if type(error).__name__ != "ChildFailedError":
+                raise
+            written = sorted(os.listdir(folder))
+            if not written:
+                return 1
+            with open(os.path.join(folder, written[0]), encoding="utf-8") as f:
+                print(f.read(), end="", file=sys.stderr)
+            return 2
+        finally:
+            os.environ.pop(ERROR_FILE_ENV, None)
 
 
 def main(argv: list[str] | None = None) -> int:

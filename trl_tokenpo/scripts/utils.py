@@ -606,6 +606,10 @@ def is_user_error(error: BaseException) -> bool:
     return os.path.abspath(innermost).startswith(os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep)
 
 
+# Set by `trl-tokenpo` for the processes it launches: where a process that ends on bad input writes its error line
+ERROR_FILE_ENV = "TRL_TOKENPO_ERROR_FILE"
+
+
 def exit_on_user_error(prog: str, error: BaseException) -> None:
     """End the run with one line `<prog>: error: <message>` and exit status 2 when `error` is bad input (and the
     debug variable is not set); a bug keeps its traceback."""
@@ -618,6 +622,9 @@ def exit_on_user_error(prog: str, error: BaseException) -> None:
     if isinstance(error, OSError) and not isinstance(error, InputError) and error.filename:
         message = f"{error.filename}: {error.strerror or message}"
     print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
+    if os.environ.get(ERROR_FILE_ENV):  # launched by trl-tokenpo: it repeats the line after the launcher's own output
+        with open(f"{os.environ[ERROR_FILE_ENV]}.{os.environ.get('RANK', '0')}", "w", encoding="utf-8") as f:
+            f.write(f"{prog}: error: {message}\n")
     raise SystemExit(2) from None
 
 
