@@ -156,7 +156,7 @@ def _read_json_lines(path: str) -> tuple[list[dict] | None, str | None]:
             for number, line in enumerate(f, start=1):
                 if not line.strip():
                     continue
-                if number == 1 and line.lstrip().startswith("["):
+                if not rows and line.lstrip().startswith("["):
                     return None, None  # one JSON document: the parser's message is all there is
                 try:
                     value = json.loads(line.rstrip())
