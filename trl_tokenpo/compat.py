@@ -10,12 +10,43 @@ on it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import warnings
 
 
-__all__ = ["checkpointing_enabled", "disable_checkpointing", "quiet_checkpointing_rename", "set_checkpointing"]
+__all__ = [
+    "adopt_checkpointing_name",
+    "checkpointing_enabled",
+    "checkpointing_name",
+    "disable_checkpointing",
+    "quiet_checkpointing_rename",
+    "set_checkpointing",
+]
 
 _RENAMED = r"`(is_gradient_checkpointing|gradient_checkpointing_enable|gradient_checkpointing_disable)` is deprecated"
+
+
+def checkpointing_name() -> str:
+    """transformers' name of the `TrainingArguments` field: `activation_checkpointing` from 5.24 on (where
+    `gradient_checkpointing` is its deprecated alias), else `gradient_checkpointing`. Read from the installed version,
+    without importing transformers."""
+    from importlib.metadata import version
+
+    major, minor = (int(part) for part in version("transformers").split(".")[:2])
+    return "activation_checkpointing" if (major, minor) >= (5, 24) else "gradient_checkpointing"
+
+
+def adopt_checkpointing_name(config) -> None:
+    """Before `TrainingArguments.__post_init__`: move TRL's `gradient_checkpointing` (and its kwargs) to the new names
+    where those are unset, as transformers would, but without its FutureWarning about a name the user did not choose
+    (TRL's configs set it by default). `gradient_checkpointing` still mirrors the new name afterwards."""
+    names = {f.name for f in dataclasses.fields(config)}
+    for old, new in (
+        ("gradient_checkpointing", "activation_checkpointing"),
+        ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs"),
+    ):
+        if new in names and getattr(config, new) is None and getattr(config, old) is not None:
+            setattr(config, new, getattr(config, old))
 
 
 def checkpointing_enabled(model) -> bool:

@@ -4,9 +4,9 @@ accelerator; the deprecated name of gradient checkpointing)."""
 
 from __future__ import annotations
 
-import dataclasses
-
 from transformers import TrainingArguments
+
+from .compat import adopt_checkpointing_name
 
 
 __all__ = ["BF16_HELP", "resolve_bf16_default", "resolve_defaults"]
@@ -44,9 +44,8 @@ def resolve_defaults(config: TrainingArguments) -> None:
     - `bf16` (`resolve_bf16_default`);
     - `dataloader_pin_memory` is turned off where there is no accelerator (or with `use_cpu`): pinned memory only
       speeds up copies to an accelerator, and torch warns about it on every run otherwise;
-    - with transformers >= 5.24, where `activation_checkpointing` is the name of `gradient_checkpointing`, TRL's
-      default `gradient_checkpointing=True` is moved to the new name unless that is set (as transformers itself does,
-      without its FutureWarning about a name the user did not choose); `gradient_checkpointing` still mirrors it.
+    - with transformers >= 5.24, TRL's default `gradient_checkpointing=True` goes under its new name
+      (`trl_tokenpo.compat.adopt_checkpointing_name`), without transformers' FutureWarning.
     """
     import torch
 
@@ -54,10 +53,4 @@ def resolve_defaults(config: TrainingArguments) -> None:
     accelerator = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
     if config.use_cpu or not accelerator:
         config.dataloader_pin_memory = False
-    names = {f.name for f in dataclasses.fields(config)}
-    for old, new in (
-        ("gradient_checkpointing", "activation_checkpointing"),
-        ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs"),
-    ):
-        if new in names and getattr(config, new) is None and getattr(config, old) is not None:
-            setattr(config, new, getattr(config, old))
+    adopt_checkpointing_name(config)

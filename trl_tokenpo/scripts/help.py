@@ -9,11 +9,13 @@ checks that they equal the parser's), then the TRL options most runs set.
 from __future__ import annotations
 
 import ast
-import os
 import shutil
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
+
+from ..compat import checkpointing_name
+from .utils import DEBUG_ENV
 
 
 PACKAGE = Path(__file__).resolve().parents[1]
@@ -115,14 +117,6 @@ def _wrap(text: str, indent: str = "", first: str | None = None) -> str:
     )  # fmt: skip
 
 
-def checkpointing_name() -> str:
-    """transformers' name of gradient checkpointing (`activation_checkpointing` from 5.24 on), from its version."""
-    from importlib.metadata import version
-
-    major, minor = (int(part) for part in version("transformers").split(".")[:2])
-    return "activation_checkpointing" if (major, minor) >= (5, 24) else "gradient_checkpointing"
-
-
 def format_options(title: str, options: list[Option], builtin: dict | None = None, hide_none: bool = False) -> str:
     """A section like argparse's: the flag (with its choices), then the help, the default and the built-in task's."""
     builtin = builtin or {}
@@ -144,7 +138,7 @@ def estimator_flag_names(module) -> list[str]:
     """The `--estimator_<field>` flags of `trl-tokenpo tisdpo`, as `estimator_arguments_class` makes them."""
     own = [o.flag.removeprefix("--") for o in own_options("estimator/config.py", "WeightEstimatorConfig")]
     names = [n for n in own if n != "method"] + list(module.ESTIMATOR_TRAINING_FLAGS)
-    names = [checkpointing_name() if n == "gradient_checkpointing" else n for n in names]
+    names = [checkpointing_name() if n == "gradient_checkpointing" else n for n in names]  # as tisdpo.py names them
     return [f"--estimator_{name}" for name in dict.fromkeys(names)]
 
 
@@ -208,10 +202,3 @@ def fast_help(module, prog: str) -> str:
         )
     )
     return "\n\n".join(sections) + "\n"
-
-
-DEBUG_ENV = "TRL_TOKENPO_DEBUG"
-
-
-def debug_enabled() -> bool:
-    return os.environ.get(DEBUG_ENV, "").lower() not in ("", "0", "false", "no")

@@ -46,6 +46,8 @@ import re
 import sys
 from dataclasses import dataclass, field
 
+from trl_tokenpo.compat import checkpointing_name
+
 
 COMMAND = "tisdpo"
 DESCRIPTION = (
@@ -95,7 +97,7 @@ class EstimatorScriptArguments:
 # Trainer settings the estimator inherits, so that its adapters train and score like the policy (same batch, sequence
 # length cap, seed, precision and memory settings). The --estimator_config file and --estimator_* flags override them.
 # (`gradient_checkpointing` is TRL's name; transformers >= 5.24 calls it `activation_checkpointing`, see
-# `checkpointing_field`.)
+# `trl_tokenpo.compat.checkpointing_name`.)
 INHERITED_TRAINER_SETTINGS = (
     "per_device_train_batch_size", "gradient_accumulation_steps", "max_length", "seed", "bf16", "fp16", "use_cpu",
     "gradient_checkpointing", "dataset_num_proc", "disable_tqdm",
@@ -118,15 +120,6 @@ BUILTIN_ESTIMATOR_SETTINGS = dict(learning_rate=3e-3, num_train_epochs=3)
 BUILTIN_SCRIPT_DEFAULTS = dict(weights_method="sft")
 
 
-def checkpointing_field() -> str:
-    """The estimator's name for gradient checkpointing: `activation_checkpointing` where transformers has it (5.24+,
-    where `gradient_checkpointing` is a deprecated alias), else `gradient_checkpointing`."""
-    from transformers import TrainingArguments
-
-    names = {f.name for f in dataclasses.fields(TrainingArguments)}
-    return "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
-
-
 def estimator_arguments_class():
     """`EstimatorScriptArguments` plus one optional `--estimator_<name>` flag per field `WeightEstimatorConfig` declares
     itself (LoRA, scoring, cache, prompts, and the training settings it gives its own default or help) and per field
@@ -141,14 +134,14 @@ def estimator_arguments_class():
     hints = typing.get_type_hints(WeightEstimatorConfig)
     by_name = {f.name: f for f in dataclasses.fields(WeightEstimatorConfig) if f.init}
     own = [n for n in WeightEstimatorConfig.__annotations__ if n in by_name and n != "method"]  # declared in its body
-    names = [checkpointing_field() if n == "gradient_checkpointing" else n for n in own + list(ESTIMATOR_TRAINING_FLAGS)]
+    names = [checkpointing_name() if n == "gradient_checkpointing" else n for n in own + list(ESTIMATOR_TRAINING_FLAGS)]
     names = list(dict.fromkeys(names))
     fields = []
     for name in names:
         f = by_name[name]  # a KeyError here means WeightEstimatorConfig lost a field this script exposes
         metadata = dict(f.metadata)
         text = re.sub(r"(?<!%)%(?!%)", "%%", metadata.get("help", ""))  # argparse formats help strings with %
-        if name == checkpointing_field():
+        if name == checkpointing_name():
             text = "Gradient (activation) checkpointing of the adapter training. Unset: the trainer's setting."
         elif name in INHERITED_TRAINER_SETTINGS:
             text += f" Unset: the trainer's --{name}."
@@ -197,7 +190,7 @@ def estimator_config(est_args, training_args, builtin: bool = False):
     from trl_tokenpo.errors import InputError
 
     kwargs = {name: getattr(training_args, name) for name in INHERITED_TRAINER_SETTINGS}
-    kwargs[checkpointing_field()] = kwargs.pop("gradient_checkpointing")
+    kwargs[checkpointing_name()] = kwargs.pop("gradient_checkpointing")
     kwargs.update(output_dir=os.path.join(training_args.output_dir, "estimator"), report_to="none")
     if builtin:
         kwargs.update(BUILTIN_ESTIMATOR_SETTINGS)
@@ -215,7 +208,7 @@ def estimator_config(est_args, training_args, builtin: bool = False):
                 f"{est_args.weights_method!r}: choose the method with --weights_method only."
             )
         if "gradient_checkpointing" in from_file:  # TRL's name; the new one wins in transformers >= 5.24
-            from_file.setdefault(checkpointing_field(), from_file.pop("gradient_checkpointing"))
+            from_file.setdefault(checkpointing_name(), from_file.pop("gradient_checkpointing"))
         known = {f.name for f in dataclasses.fields(WeightEstimatorConfig) if f.init}
         unknown = sorted(set(from_file) - known)
         if unknown:

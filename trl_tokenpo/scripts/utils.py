@@ -608,14 +608,15 @@ def is_user_error(error: BaseException) -> bool:
 
 # Set by `trl-tokenpo` for the processes it launches: where a process that ends on bad input writes its error line
 ERROR_FILE_ENV = "TRL_TOKENPO_ERROR_FILE"
+# Set by the user: bad input ends with its traceback, as a bug does
+DEBUG_ENV = "TRL_TOKENPO_DEBUG"
 
 
 def exit_on_user_error(prog: str, error: BaseException) -> None:
     """End the run with one line `<prog>: error: <message>` and exit status 2 when `error` is bad input (and the
     debug variable is not set); a bug keeps its traceback."""
-    from .help import debug_enabled
-
-    if debug_enabled() or not is_user_error(error):
+    debug = os.environ.get(DEBUG_ENV, "").lower() not in ("", "0", "false", "no")
+    if debug or not is_user_error(error):
         return
     sys.stdout.flush()
     message = " ".join(str(error).split()) or type(error).__name__
