@@ -12,6 +12,7 @@ requirement the wheel declares is met; `trl_tokenpo` is imported from the fresh 
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -79,9 +80,17 @@ print(pathlib.Path(trl_tokenpo.__file__).resolve())
 """
 
 
-@pytest.mark.slow
-def test_the_wheel_command_trains_tdpo_and_tisdpo_outside_the_checkout(tmp_path):
+@pytest.fixture
+def fresh_venv(tmp_path):
+    """The fresh environment with the wheel in it; removed afterwards (1.5 GB with the full install)."""
     env = fresh_environment(tmp_path, build_wheel(tmp_path))
+    yield env
+    shutil.rmtree(env, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_the_wheel_command_trains_tdpo_and_tisdpo_outside_the_checkout(tmp_path, fresh_venv):
+    env = fresh_venv
     package = Path(sh([str(env / "bin" / "python"), "-c", REQUIREMENTS_MET], cwd=tmp_path).strip())
     assert package.is_relative_to(env.resolve()), package  # the wheel's copy, not this checkout
     command = env / "bin" / "trl-tokenpo"
