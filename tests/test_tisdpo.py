@@ -180,7 +180,7 @@ def _modify(dataset, column, row, value):
     [
         (lambda d: d.remove_columns(["chosen_weights", "rejected_weights"]), "ContrastiveWeightEstimator"),
         (lambda d: d.remove_columns(["rejected_weights"]), "only"),
-        (lambda d: _modify(d, "chosen_weights", 3, [1.0]), "row 3, column `chosen_weights`.*another tokenizer"),
+        (lambda d: _modify(d, "chosen_weights", 3, [1.0]), "row 3 \\(0-based\\), column `chosen_weights`.*another tokenizer"),
         (lambda d: _modify(d, "rejected_weights", 5, [float("nan")] * len(d[5]["rejected_weights"])), "row 5.*not finite"),
         (lambda d: _modify(d, "chosen_weights", 2, [-1.0] * len(d[2]["chosen_weights"])), "row 2.*negative"),
     ],

@@ -22,6 +22,8 @@ from trl.data_utils import common_prefix_length, extract_prompt, is_conversation
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 from trl.trainer.utils import global_then_local_main_first, pad
 
+from .errors import InputError
+
 
 ESTIMATOR_HINT = (
     "`ContrastiveWeightEstimator.estimate(dataset)` produces `chosen_token_rewards` / `rejected_token_rewards` aligned "
@@ -39,7 +41,7 @@ REF_LOGPS_COLUMNS = ("chosen_ref_logps", "rejected_ref_logps")
 EXTRA_INPUT_COLUMNS = ("tools", "chat_template_kwargs")
 
 
-class TokenColumnError(ValueError):
+class TokenColumnError(InputError):
     """A per-token column is missing, misaligned with the tokenized completion, or holds invalid values."""
 
 
@@ -212,7 +214,7 @@ def validate_token_columns(
         for i in range(len(batch["chosen_ids"])):
             for side, name in (("chosen", chosen_column), ("rejected", rejected_column)):
                 source_row = source_rows[row + i] if source_rows is not None else row + i
-                where = f"{dataset_name} dataset, row {source_row}, column `{name}`"
+                where = f"{dataset_name} dataset, row {source_row} (0-based), column `{name}`"
                 check_token_values(batch[name][i], len(batch[f"{side}_ids"][i]), where, side, allow_negative)
         row += len(batch["chosen_ids"])
 
@@ -258,6 +260,111 @@ def check_token_values(values, num_tokens: int, where: str, side: str, allow_neg
                 "token rewards, put them in `chosen_token_rewards` / `rejected_token_rewards` instead."
             )
     raise TokenColumnError(f"{where}: expected a flat list of floats.")  # pragma: no cover - caught above
+
+
+TEXT_COLUMNS = ("prompt", "chosen", "rejected")
+PREFERENCE_FORMAT = (
+    "Each row needs `chosen` and `rejected` (and `prompt`, or the prompt is their common beginning), all strings "
+    '(standard) or all lists of messages like {"role": "user", "content": "..."} (conversational)'
+)
+
+
+def _rows(numbers: list[int], total: int) -> str:
+    """How many rows have a problem and the first ten of them, e.g. "(3 of 10 rows: 4, 5, 9)"."""
+    shown = ", ".join(map(str, numbers[:10])) + (", ..." if len(numbers) > 10 else "")
+    return f"({len(numbers)} of {total} rows: {shown})"
+
+
+def _text_kind(value) -> str | None:
+    """"text" or "messages" for a valid prompt / completion value, `None` for anything else."""
+    if isinstance(value, str):
+        return "text"
+    if isinstance(value, list) and all(isinstance(m, dict) and "role" in m for m in value):
+        return "messages"
+    return None
+
+
+def _is_blank(value) -> bool:
+    """A completion with nothing in it: an empty or whitespace-only string, no message, or only blank contents."""
+    if isinstance(value, str):
+        return not value.strip()
+    return all(isinstance(m.get("content"), str) and not m["content"].strip() for m in value)
+
+
+def check_preference_rows(dataset: Dataset | IterableDataset, source: str, noun: str = "column") -> None:
+    """Refuse, before any tokenization or model, what a preference dataset cannot hold, with one message that names
+    `source` (a file name, or "train dataset"), the first bad row (0-based), the column and the fix:
+
+    - a missing `chosen` / `rejected` column, or a row where it (or an existing `prompt`) is missing / null;
+    - a value that is neither a string nor a list of messages (dicts with a "role"), or a row that mixes the two;
+    - an empty (or whitespace-only) completion, or a conversational completion whose messages are all blank: it would
+      train on the end-of-sequence token alone, a signal nobody meant to give. (An empty prompt is valid.)
+
+    The message counts the rows with the same problem and lists the first ten. `noun` is what a column is called in
+    `source` ("field" for a JSON file). An `IterableDataset` is not checked here (TRL checks each row as it streams).
+    """
+    if not isinstance(dataset, Dataset):
+        return
+    missing = [c for c in ("chosen", "rejected") if c not in dataset.column_names]
+    if missing:
+        names = " or ".join(f"`{c}`" for c in missing)
+        absent = f"no row has a {names} field" if noun == "field" else f"no {names} {noun}"
+        raise InputError(
+            f"{source}: {absent} (its {noun}s: {', '.join(dataset.column_names) or 'none'}). {PREFERENCE_FORMAT}: "
+            f"add the {noun}, or rename the one that holds it."
+        )
+    columns = [c for c in TEXT_COLUMNS if c in dataset.column_names]
+    problems: dict[tuple[str, str], list[int]] = {}  # (kind, column) -> rows, in the order found
+    examples: dict[tuple[str, str], object] = {}
+    row = 0
+    for batch in dataset.select_columns(columns).iter(batch_size=4096):
+        for i in range(len(batch[columns[0]])):
+            kinds = {}
+            for column in columns:
+                value = batch[column][i]
+                if value is None:
+                    problem = "missing"
+                elif _text_kind(value) is None:
+                    problem = "type"
+                elif column != "prompt" and _is_blank(value):
+                    problem = "empty"
+                else:
+                    kinds[column] = _text_kind(value)
+                    continue
+                problems.setdefault((problem, column), []).append(row + i)
+                examples.setdefault((problem, column), value)
+            if len(set(kinds.values())) > 1:
+                problems.setdefault(("mixed", "+".join(kinds)), []).append(row + i)
+                examples.setdefault(("mixed", "+".join(kinds)), kinds)
+        row += len(batch[columns[0]])
+    if not problems:
+        return
+    # the first problem of the first bad row; missing values first: they also explain an odd type in other tools
+    (problem, column), rows = min(problems.items(), key=lambda item: (item[1][0], item[0][0] != "missing"))
+    where = f"{source}, row {rows[0]} (0-based), {noun} `{column}`"
+    count = _rows(rows, len(dataset))
+    if problem == "missing":
+        raise InputError(
+            f"{where}: missing or null {count}. {PREFERENCE_FORMAT}: fill it in, or drop these rows."
+        )
+    if problem == "type":
+        value = examples[(problem, column)]
+        raise InputError(
+            f"{where}: expected a string or a list of messages (dicts with a \"role\" and a \"content\"), got "
+            f"{type(value).__name__} ({value!r:.60}) {count}. Convert the {noun} to text, or fix these rows."
+        )
+    if problem == "mixed":
+        kinds = examples[(problem, column)]
+        texts = ", ".join(f"`{c}`" for c, k in kinds.items() if k == "text")
+        messages = ", ".join(f"`{c}`" for c, k in kinds.items() if k == "messages")
+        raise InputError(
+            f"{source}, row {rows[0]} (0-based): mixes text ({texts}) and lists of messages ({messages}) {count}. Use "
+            "one format per row: all strings (standard) or all lists of messages (conversational)."
+        )
+    raise InputError(
+        f"{where}: the completion is empty {count}. An empty completion gives the pair no signal on that side (only "
+        "the end-of-sequence token would be scored): write the completion, or drop these rows."
+    )
 
 
 def tokenize_preference_dataset(

@@ -28,14 +28,15 @@ from datasets import Dataset, IterableDataset
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import DPOConfig, DPOTrainer
-from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
 from .. import losses
-from ..data import LAYOUT_KEY, BatchLayout, DataCollatorForTokenPreference
+from ..compat import disable_checkpointing, quiet_checkpointing_rename
+from ..data import LAYOUT_KEY, BatchLayout, DataCollatorForTokenPreference, check_preference_rows
+from ..errors import InputError
 from ..files import atomic_write_json
 from ..kernels import TokenStats, TokenStatsRequest, add_token_stats_head
-from ..precision import BF16_HELP, resolve_bf16_default
+from ..precision import BF16_HELP, resolve_defaults
 from ..quantization import keep_4bit_layout
 from .sync_free import DeviceValue, known_padding, ratio_or_zero, resolve_metrics, value_if_positive
 
@@ -70,7 +71,7 @@ class TokenLevelDPOConfig(DPOConfig):
     bf16: bool | None = field(default=None, metadata={"help": BF16_HELP})
 
     def __post_init__(self):
-        resolve_bf16_default(self)
+        resolve_defaults(self)
         super().__post_init__()
 
 
@@ -125,20 +126,21 @@ class TokenLevelDPOTrainer(DPOTrainer):
         self._check_method_args(args)
         self._check_dpo_options(args, peft_config)
 
-        super().__init__(
-            model=model,
-            ref_model=ref_model,
-            args=args,
-            data_collator=data_collator,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
-            compute_metrics=compute_metrics,
-            callbacks=callbacks,
-            optimizers=optimizers,
-            quantization_config=quantization_config,
-            peft_config=peft_config,
-        )
+        with quiet_checkpointing_rename():  # peft's get_peft_model, called by DPOTrainer, reads the old name
+            super().__init__(
+                model=model,
+                ref_model=ref_model,
+                args=args,
+                data_collator=data_collator,
+                train_dataset=train_dataset,
+                eval_dataset=eval_dataset,
+                processing_class=processing_class,
+                compute_metrics=compute_metrics,
+                callbacks=callbacks,
+                optimizers=optimizers,
+                quantization_config=quantization_config,
+                peft_config=peft_config,
+            )
 
         if data_collator is None:
             self._ensure_token_collator()
@@ -301,7 +303,7 @@ class TokenLevelDPOTrainer(DPOTrainer):
             self._source_rows = {}
         self._source_rows[dataset_name] = source_rows
         if num_rows and len(dataset) == 0:
-            raise ValueError(
+            raise InputError(
                 f"All {num_rows} rows of the {dataset_name} dataset were dropped because their prompt alone fills "
                 f"`max_length={args.max_length}` (with truncation_mode='keep_start' no completion token would remain). "
                 "Increase `max_length` or use truncation_mode='keep_end'."
@@ -313,7 +315,7 @@ class TokenLevelDPOTrainer(DPOTrainer):
                 f"{num_rows - len(dataset)} of {num_rows} rows of the {dataset_name} dataset were dropped because "
                 f"their prompt alone fills `max_length={args.max_length}` (with truncation_mode='keep_start' no "
                 "completion token would remain). Increase `max_length` or use truncation_mode='keep_end' to keep them. "
-                f"Dropped rows: {shown}.",
+                f"Dropped rows (0-based): {shown}.",
                 main_process_only=True,
             )
         if isinstance(dataset, Dataset) and len(dataset) > 0:
@@ -323,31 +325,10 @@ class TokenLevelDPOTrainer(DPOTrainer):
     @staticmethod
     def _check_text_columns(dataset, dataset_name: str) -> None:
         """Refuse, naming the row and the column, what TRL's tokenization would fail on with an unrelated error (a
-        `KeyError`, or an `AttributeError` on `None`): a missing `chosen` / `rejected` column, and a prompt or
-        completion that is neither a string nor a list of messages. An `IterableDataset` is checked by TRL only."""
-        if not isinstance(dataset, Dataset):
-            return
-        missing = [c for c in ("chosen", "rejected") if c not in dataset.column_names]
-        if missing:
-            raise ValueError(
-                f"The {dataset_name} dataset has no column {', '.join(f'`{c}`' for c in missing)} (its columns: "
-                f"{dataset.column_names}). A preference dataset needs `chosen` and `rejected` (and optionally "
-                "`prompt`), as text or as lists of messages."
-            )
-        columns = [c for c in ("prompt", "chosen", "rejected") if c in dataset.column_names]
-        row = 0
-        for batch in dataset.select_columns(columns).iter(batch_size=4096):
-            for column in columns:
-                for i, value in enumerate(batch[column]):
-                    if isinstance(value, str) or (
-                        isinstance(value, list) and all(isinstance(message, dict) for message in value)
-                    ):
-                        continue
-                    raise ValueError(
-                        f"{dataset_name} dataset, row {row + i}, column `{column}`: expected a string or a list of "
-                        f"messages (dicts with 'role' and 'content'); got {type(value).__name__} ({value!r:.80})."
-                    )
-            row += len(batch[columns[0]])
+        `KeyError`, or an `AttributeError` on `None`) or silently train on: a missing `chosen` / `rejected` column or
+        value, a prompt or completion that is neither a string nor a list of messages, an empty completion
+        (`check_preference_rows`). An `IterableDataset` is checked by TRL only."""
+        check_preference_rows(dataset, f"{dataset_name} dataset")
 
     @staticmethod
     def _check_completions(dataset: Dataset, dataset_name: str, source_rows: list[int] | None = None) -> None:
@@ -358,9 +339,9 @@ class TokenLevelDPOTrainer(DPOTrainer):
             for side in ("chosen", "rejected"):
                 for i, ids in enumerate(batch[f"{side}_ids"]):
                     if len(ids) == 0:
-                        raise ValueError(
-                            f"{dataset_name} dataset, row {source_rows[row + i] if source_rows else row + i}, column "
-                            f"`{side}`: the completion tokenizes to no "
+                        raise InputError(
+                            f"{dataset_name} dataset, row {source_rows[row + i] if source_rows else row + i} (0-based), "
+                            f"column `{side}`: the completion tokenizes to no "
                             "token (after the prompt). Check that the completion is not empty and that the chat "
                             "template renders an assistant turn for it, or drop the row."
                         )
@@ -439,7 +420,7 @@ class TokenLevelDPOTrainer(DPOTrainer):
         ref_kwargs = {k: v for k, v in model_kwargs.items() if k != "output_router_logits"}
         with (
             torch.no_grad(),
-            disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
+            disable_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
             self._reference_context(),
         ):
             return ref_model(**ref_kwargs, **kwargs)
