@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import json
 import os
 import re
 import sys
@@ -52,6 +53,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 DOCS = REPO / "docs" / "benchmarks.md"
 MARKERS = ("<!-- roofline:start -->", "<!-- roofline:end -->")
+MEASURED_MARKERS = ("<!-- roofline:measured:start -->", "<!-- roofline:measured:end -->")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,7 +153,9 @@ class Recorder:
         class Mode(TorchDispatchMode):
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
                 kwargs = kwargs or {}
-                result = func(*args, **kwargs)
+                result = _meta_out_dtype_matmul(func, args, kwargs)
+                if result is None:
+                    result = func(*args, **kwargs)
                 op = _aten_cost(func, args, kwargs, result)
                 if op is not None:
                     recorder.add(op)
@@ -165,6 +169,39 @@ class Recorder:
 
     def seconds(self, gpu: Gpu) -> float:
         return sum(op.seconds(gpu) for op in self.ops)
+
+
+def _meta_out_dtype_matmul(func, args, kwargs):
+    """``torch.addmm(..., out_dtype=...)`` (``aten::addmm.dtype`` / ``aten::addmm.dtype_out``) on meta tensors: the
+    result's shape and dtype, without running the op; ``None`` for any other call.
+
+    Those overloads have CUDA kernels only, so on meta tensors torch runs a decomposition as their meta kernel, and
+    which one depends on the release: torch 2.13 has one of their own, while torch 2.11 registers the plain ``addmm``
+    decomposition for every overload, which takes ``out_dtype`` for ``beta`` and fails (``TypeError: unsupported
+    operand type(s) for *: 'torch.dtype' and 'Tensor'``). Meta tensors hold no data, so the shapes are all a recording
+    needs; the cost is counted from the call as for any matmul (`_aten_cost`)."""
+    import torch
+
+    if func._schema.name != "aten::addmm" or func._schema.overload_name not in ("dtype", "dtype_out"):
+        return None
+    if not all(t.is_meta for t in _tensors([args, kwargs])):
+        return None
+    _, mat1, mat2, out_dtype = args[:4]
+    shape = (mat1.shape[0], mat2.shape[1])
+    if func._schema.overload_name == "dtype":
+        return torch.empty(shape, dtype=out_dtype, device="meta")
+    out = kwargs["out"]
+    if tuple(out.shape) != shape or out.dtype != out_dtype:
+        raise RuntimeError(f"addmm out_dtype={out_dtype}: out is {out.dtype} {tuple(out.shape)}, expected {shape}")
+    return out
+
+
+def addmm_fp32(acc, a, b) -> None:
+    """``acc += a @ b`` accumulated in float32 from bf16 / fp16 operands: the CUDA branch of TRL's ``_addmm_fp32``
+    (and of ``trl_tokenpo.kernels.stats.accumulate_mm``), which the recordings take on meta tensors."""
+    import torch
+
+    torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
 
 
 _FREE = {"empty", "empty_strided", "empty_like", "new_empty", "lift_fresh", "detach", "_local_scalar_dense",
@@ -286,10 +323,6 @@ def record_dpo(model: Model, tokens: int, lora: bool) -> Recorder:
     from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE
 
     recorder = Recorder()
-
-    def addmm_fp32(acc, a, b):  # the CUDA branch of `_addmm_fp32`
-        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-
     # _forward_kernel(mm, stride, targets, max, sum_exp, x_sum_exp, sq_sum_exp, z_sum, max_before, target_logit, ...)
     forward_kernel = KernelRecorder(recorder, "trl forward kernel", written=tuple(range(3, 10)),
                                     exps_per_element=lambda kw: 1 + _softcap_exps(kw, "HAS_SOFTCAP"))
@@ -322,14 +355,6 @@ def record_ours(model: Model, tokens: int, lora: bool, method: str, backend: str
     kl = "forward_kl" if method == "tdpo2" else "reverse_kl"
     outputs = (kl,) + METRIC_OUTPUTS  # what TokenLevelDPOTrainer._per_token_stats requests
 
-    def reference_rows(per_row):
-        # TDPO2 detaches the chosen half's forward KL: only the rejected half (the second half of the tokens) needs
-        # the reference's logits, and the backward moves it first; TIS-DPO's reverse KL has a gradient on every token
-        if method == "tdpo2":
-            order = torch.cat([torch.arange(tokens // 2, tokens), torch.arange(tokens // 2)]).to("meta")
-            return tokens - tokens // 2, order
-        return tokens, None
-
     forward_kernel = KernelRecorder(recorder, "fused forward kernel", written=(5,),
                                     exps_per_element=lambda kw: 2 + _softcap_exps(kw, "P_SOFTCAP", "Q_SOFTCAP"))
     backward_kernel = KernelRecorder(
@@ -338,11 +363,15 @@ def record_ours(model: Model, tokens: int, lora: bool, method: str, backend: str
         skip=lambda kw: () if kw["REF"] else (2,),  # without the reference, the policy tile stands in for it
     )
     hidden, weight, ref_hidden, ref_weight, labels = _meta_inputs(model, tokens, lora)
-    patches = dict(_forward_kernel=forward_kernel, _backward_kernel=backward_kernel, _reference_rows=reference_rows)
+    patches = dict(_forward_kernel=forward_kernel, _backward_kernel=backward_kernel)
+    # TDPO2 detaches the chosen half's forward KL: only the rejected half (the second half of the tokens) needs the
+    # reference's logits in the backward; TIS-DPO's reverse KL has a gradient on every token
+    kl_rows = (tokens // 2, tokens) if method == "tdpo2" else None
     with _patched(tiles_triton, **patches), _patched(stats, mm_out_dtype_supported=lambda device: True), \
             _meta_autocast(), recorder.recording():
         results = TokenStatsFunction.apply(
-            hidden, weight, None, ref_hidden, ref_weight, None, labels, 1.0, None, 1.0, None, outputs, None, backend
+            hidden, weight, None, ref_hidden, ref_weight, None, labels, 1.0, None, 1.0, None, outputs, None, backend,
+            kl_rows,
         )
         policy_logps, _, forward_kl, reverse_kl = results[:4]
         kl_value = forward_kl if method == "tdpo2" else reverse_kl
@@ -409,7 +438,9 @@ def measure_head(model: Model, tokens: int, key: str, repeats: int = 5) -> float
     return statistics.median(times)
 
 
-def measure_table() -> str:
+def measure_table(figures: dict | None = None) -> str:
+    """The measured table (markdown); ``figures``, when given, receives ``{model: {key: {"measured_ms",
+    "predicted_ms"}}}``."""
     import torch
 
     name = torch.cuda.get_device_name(0)
@@ -426,6 +457,8 @@ def measure_table() -> str:
         cells = []
         for key in keys:
             measured = measure_head(model, TOKENS, key)
+            if figures is not None:
+                figures.setdefault(model.name, {})[key] = {"measured_ms": measured, "predicted_ms": None}
             if gpu is None:
                 cells.append(f"{measured:.2f}")
                 continue
@@ -435,6 +468,8 @@ def measure_table() -> str:
                 method, implementation = key.split("/")
                 backend = "torch" if implementation == "torch" else "triton"
                 predicted = record_ours(model, TOKENS, True, method, backend).seconds(gpu) * 1e3
+            if figures is not None:
+                figures[model.name][key]["predicted_ms"] = predicted
             cells.append(f"{measured:.2f} / {predicted:.2f}")
         lines.append(f"| {model.name} | " + " | ".join(cells) + " |")
         torch.cuda.empty_cache()
@@ -516,7 +551,10 @@ def parse_args(argv=None):
     parser.add_argument("--measure", action="store_true",
                         help="CUDA only: time the LM-head part of a LoRA step of the three implementations for real "
                         "and print it next to the prediction.")
-    parser.add_argument("--markdown", default=None, help="With --measure: also write the measured table to this file.")
+    parser.add_argument("--markdown", default=None,
+                        help="With --measure: also write the measured table to this file, as a docs block.")
+    parser.add_argument("--json", default=None,
+                        help="With --measure: also write the measured and predicted milliseconds to this JSON file.")
     return parser.parse_args(argv)
 
 
@@ -528,11 +566,18 @@ def main(argv=None) -> str:
 
         if not torch.cuda.is_available():
             sys.exit("--measure needs a CUDA GPU.")
-        table = measure_table()
+        figures = {}
+        table = measure_table(figures)
         print(table)
-        if args.markdown:
+        if args.markdown:  # a docs block, with its markers (scripts/gpu_check.py --paste puts it into the docs)
             Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.markdown).write_text(table + "\n")
+            Path(args.markdown).write_text(
+                f"{MEASURED_MARKERS[0]}\n### The LM head alone, measured next to the prediction\n\nCommand: "
+                f"`python scripts/roofline.py --measure`.\n\n{table}\n{MEASURED_MARKERS[1]}\n"
+            )
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(figures, indent=1) + "\n")
         return table
     tables = [format_tables(lora, compute(lora)) for lora in (True, False)]
     body = (

@@ -95,11 +95,13 @@ def tiny_qwen(seed=0, **overrides):
 
 
 def perturbed_copy(model, scale=0.05, seed=1):
+    """A copy of ``model`` with seeded noise on every parameter, the same noise whatever the model's device: it is
+    drawn on the CPU (one generator for every device) and moved to the parameter's device."""
     ref = copy.deepcopy(model)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for param in ref.parameters():
-            param.add_(torch.randn(param.shape, generator=g) * scale)
+            param.add_((torch.randn(param.shape, generator=g) * scale).to(param.device))
     ref.requires_grad_(False)
     return ref
 

@@ -1,5 +1,6 @@
-"""The training scripts' command line (trl_tokenpo/cli.py, scripts/train_*.py): what `--help` shows, data files as
-`--dataset_name`, and the estimator settings of scripts/train_tisdpo.py. In-process, no training."""
+"""The commands' options (trl_tokenpo/scripts/*.py, also scripts/train_*.py): what `--help_all` shows, data files as
+`--dataset_name`, and the estimator settings of `trl-tokenpo tisdpo`. In-process, no training. (The console command,
+the fast `--help` and the error messages: tests/test_command.py.)"""
 
 import contextlib
 import dataclasses
@@ -11,16 +12,17 @@ from pathlib import Path
 import pytest
 from conftest import preference_rows
 from datasets import Dataset, DatasetDict
-from test_docs import load_script
 from test_scripts import run_main
 from trl import ScriptArguments
 
-from trl_tokenpo.cli import BUILTIN_TRAINING_DEFAULTS, apply_parser_defaults, load_user_datasets
+from trl_tokenpo.errors import InputError
+from trl_tokenpo.scripts import tisdpo as tisdpo_command
+from trl_tokenpo.scripts.utils import BUILTIN_TRAINING_DEFAULTS, apply_parser_defaults, load_user_datasets
 
 
 @pytest.fixture(scope="module")
 def tisdpo():
-    return load_script("scripts/train_tisdpo.py")
+    return tisdpo_command
 
 
 def parse(module, argv, builtin_defaults=None):
@@ -30,10 +32,10 @@ def parse(module, argv, builtin_defaults=None):
 
 
 def main_help(script) -> str:
-    """`python scripts/<script> --help` as a user runs it (the script's __main__ block), captured."""
+    """`python scripts/<script> --help_all` as a user runs it (the script's __main__ block), captured."""
     out = io.StringIO()
-    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
-        run_main(script, "--help")
+    with contextlib.redirect_stdout(out):
+        assert run_main(script, "--help_all") == 0
     return " ".join(out.getvalue().split())  # argparse wraps lines: compare on single spaces
 
 
@@ -45,7 +47,7 @@ def option_help(text, flag) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# --help (issue 16, item 3)
+# --help_all (issue 16, item 3)
 # ----------------------------------------------------------------------------------------------------------------------
 
 
@@ -192,7 +194,7 @@ def test_a_data_file_with_evaluation(tmp_path):
     args = ScriptArguments(dataset_name=train_file, dataset_test_split=eval_file)
     train, evaluation = load_user_datasets(args, None, with_eval=True)
     assert len(train) == 6 and evaluation.to_list() == rows[:2]
-    with pytest.raises(FileNotFoundError, match="--dataset_name .*missing.jsonl: no such file"):
+    with pytest.raises(InputError, match="--dataset_name .*missing.jsonl: no such file"):
         load_user_datasets(ScriptArguments(dataset_name=str(tmp_path / "missing.jsonl")), None, with_eval=False)
 
 

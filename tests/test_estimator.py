@@ -15,6 +15,7 @@ from conftest import build_model, build_tokenizer, cpu_args, preference_rows
 from datasets import Dataset, load_from_disk
 
 from trl_tokenpo.data import tokenize_preference_dataset
+from trl_tokenpo.errors import InputError
 from trl_tokenpo.estimator import (
     REF_COLUMNS,
     REWARD_COLUMNS,
@@ -557,11 +558,20 @@ def test_clear_errors(tiny, tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(tiny)
     estimator = ContrastiveWeightEstimator(tiny, tokenizer, estimator_args(tmp_path, method="dpo"))
     with pytest.raises(
-        ValueError, match=r"lacks the column\(s\) \['chosen', 'rejected'\]; it has \['prompt', 'good'\]"
+        ValueError, match=r"dataset: no `chosen` or `rejected` column \(its columns: prompt, good\)"
     ):
         estimator.estimate(Dataset.from_list([{"prompt": "a", "good": "b"}]))
     with pytest.raises(ValueError, match="empty"):
         estimator.estimate(Dataset.from_list(preference_rows(2)).select([]))
+    # a row without "rejected" (a .jsonl line without the field): named before any model runs, not an AttributeError
+    # from the tokenization (issue 21)
+    broken = preference_rows(6)
+    broken[4]["rejected"] = None
+    with pytest.raises(InputError, match=r"^dataset, row 4 \(0-based\), column `rejected`: missing or null \(1 of 6 rows: 4\)"):
+        estimator.estimate(Dataset.from_list(broken))
+    broken[4]["rejected"] = "  "
+    with pytest.raises(InputError, match=r"^dataset, row 4 \(0-based\), column `rejected`: the completion is empty"):
+        estimator.fit(Dataset.from_list(broken))
     with pytest.raises(RuntimeError, match=r"call fit\(dataset\) first"):
         estimator.score(Dataset.from_list(preference_rows(2)))
     with pytest.raises(TypeError, match="pick a split"):

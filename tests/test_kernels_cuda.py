@@ -15,9 +15,10 @@ from trl_tokenpo import TDPOConfig, TDPOTrainer, TISDPOConfig, TISDPOTrainer
 from trl_tokenpo.kernels import OPTIONAL_OUTPUTS, fused_token_stats, resolve_backend, tiles_triton
 
 
-pytestmark = pytest.mark.skipif(
-    not torch.cuda.is_available() or not tiles_triton.available(), reason="needs a CUDA GPU and triton"
-)
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available() or not tiles_triton.available(), reason="needs a CUDA GPU and triton"),
+]
 
 VALUES = ("policy_logps", "ref_logps", "forward_kl", "reverse_kl", "entropy", "mean_logits", "log_sum_sq_probs")
 

@@ -38,10 +38,14 @@ from trl_tokenpo.kernels import (
 )
 
 
-pytestmark = pytest.mark.skipif(
-    not tiles_triton.available() or not (tiles_triton.interpreted() or torch.cuda.is_available()),
-    reason="needs `triton`, and a CUDA GPU or TRITON_INTERPRET=1 set before triton is imported",
-)
+# `cuda`: on a GPU these run the compiled kernels (scripts/gpu_check.sh selects them with `pytest -m cuda`)
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(
+        not tiles_triton.available() or not (tiles_triton.interpreted() or torch.cuda.is_available()),
+        reason="needs `triton`, and a CUDA GPU or TRITON_INTERPRET=1 set before triton is imported",
+    ),
+]
 
 DEVICE = "cpu" if tiles_triton.interpreted() else "cuda"
 VALUES = ("policy_logps", "ref_logps", "forward_kl", "reverse_kl", "entropy", "mean_logits", "log_sum_sq_probs")
@@ -105,8 +109,9 @@ def test_values_and_gradients_match_dense_and_torch(policy_scale, policy_softcap
 
 @pytest.mark.parametrize("pattern", ["rejected-half", "scattered", "none"])
 def test_kl_gradients_on_some_tokens_only(pattern):
-    # TDPO2 detaches the chosen side's KL: the backward then projects the reference only for the tokens whose KL has a
-    # gradient, in a permuted order; the gradients must not depend on that
+    # Some tokens' KL gets no gradient (TDPO2 detaches the chosen side's KL); without `kl_gradient_rows` the backward
+    # projects the reference for every token and must give the same gradients whatever the pattern (the rows given by
+    # `kl_gradient_rows`: tests/test_sync_free.py)
     inputs = make_inputs(n=N, h=H, v=V, h_ref=H_REF, seed=22)
     device_inputs = _on_device(inputs)
     out = fused_token_stats(*device_inputs, backend="triton", outputs=("forward_kl", "reverse_kl"), tile_elements=TILE)

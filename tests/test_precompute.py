@@ -40,9 +40,9 @@ def test_precomputed_reference_equals_live_reference(tmp_path, standard_dataset,
     assert batch["ref_chosen_logps"].shape == (8, 2)
     live_batch = {k: v for k, v in batch.items() if not k.startswith("ref_")}
     torch.testing.assert_close(pre.compute_loss(pre.model, batch), live.compute_loss(live.model, live_batch), rtol=1e-5, atol=1e-6)
-    for key, values in live._metrics["train"].items():
+    for key, values in live.metric_values("train").items():
         torch.testing.assert_close(
-            torch.tensor(pre._metrics["train"][key][-1]), torch.tensor(values[-1]), rtol=1e-5, atol=1e-5,
+            torch.tensor(pre.metric_values("train")[key][-1]), torch.tensor(values[-1]), rtol=1e-5, atol=1e-5,
             msg=lambda m, k=key: f"{k}: {m}",
         )
 

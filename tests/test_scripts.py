@@ -50,7 +50,7 @@ def test_train_tisdpo_builtin_pipeline(tmp_path, task_cache):
     rows = report_rows(stdout)
     assert rows["after"][0] > rows["before"][0], rows
     assert rows["before"][1] == 0.0 and rows["after"][1] > 0.0
-    assert (out / "token_token_rewards.html").exists() and (out / "token_token_rewards.png").exists()
+    assert (out / "token_rewards.html").exists() and (out / "token_rewards.png").exists()
     assert (out / "model.safetensors").exists()
     # the second run reuses the fitted adapters and the cached scores
     stdout = run_script(
@@ -94,16 +94,19 @@ def adapter_files(directory):
     return {str(p): p.stat().st_mtime_ns for p in Path(directory).rglob("adapter_model.safetensors")}
 
 
-def run_main(script, *args):
-    """Run a script's __main__ block in this process (cheaper than a subprocess; the same code path)."""
+def run_main(script, *args) -> int:
+    """Run a script's __main__ block in this process (cheaper than a subprocess; the same code path); its exit status."""
     import runpy
 
     argv = sys.argv
     sys.argv = [str(ROOT / "scripts" / script), *map(str, args)]
     try:
         runpy.run_path(str(ROOT / "scripts" / script), run_name="__main__")
+    except SystemExit as exit_:
+        return exit_.code or 0
     finally:
         sys.argv = argv
+    return 0
 
 
 @pytest.mark.slow
@@ -131,13 +134,14 @@ def test_train_tisdpo_reuses_adapters_fitted_in_python(tmp_path, tiny_model_dir,
         "--estimator_output_dir", estimator_dir, "--estimator_max_steps", "1", "--max_steps", "1",
         "--report_to", "none", "--heatmap_examples", "0", "--disable_tqdm", "true",
     ]  # fmt: skip
-    run_main(
+    status = run_main(
         "train_tisdpo.py", *common, "--estimator_max_length", "48", "--gradient_checkpointing", "false",
         "--output_dir", tmp_path / "reused",
     )  # fmt: skip
+    assert status == 0
     assert adapter_files(estimator_dir) == fitted  # nothing retrained, nothing rewritten
     assert (tmp_path / "reused" / "model.safetensors").exists()
     # without the flag the estimator takes the trainer's max_length (1024): another fit (with the trainer's default
     # gradient checkpointing, which the estimator inherits too)
-    run_main("train_tisdpo.py", *common, "--output_dir", tmp_path / "refit")
+    assert run_main("train_tisdpo.py", *common, "--output_dir", tmp_path / "refit") == 0
     assert len(adapter_files(estimator_dir)) == 4

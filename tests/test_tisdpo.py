@@ -55,7 +55,7 @@ def test_loss_and_gradient_match_dense_float64(tmp_path, standard_dataset, kl_te
     want.backward()
     torch.testing.assert_close(loss.double(), want.detach(), rtol=1e-5, atol=1e-6)
     assert_grads_close(trainer.model, policy64)
-    metrics = trainer._metrics["train"]
+    metrics = trainer.metric_values("train")
     for key in ("weights/chosen_mean", "weights/rejected_mean", "weights/chosen_max", "weights/rejected_min"):
         assert key in metrics
     assert ("kl/chosen" in metrics) == (kl_term != "none")
@@ -101,8 +101,8 @@ def test_all_ones_none_equals_dpo_and_all_ones_tdpo_equals_tdpo2(tmp_path, stand
     torch.testing.assert_close(tis_none.compute_loss(tis_none.model, batch), dpo.compute_loss(dpo.model, plain), rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(tis_tdpo.compute_loss(tis_tdpo.model, batch), tdpo.compute_loss(tdpo.model, plain), rtol=1e-6, atol=1e-7)
     for key, values in dpo._metrics["train"].items():
-        torch.testing.assert_close(torch.tensor(tis_none._metrics["train"][key][-1]), torch.tensor(values[-1]), rtol=1e-5, atol=1e-6)
-    assert tis_none._metrics["train"]["weights/chosen_mean"][-1] == 1.0
+        torch.testing.assert_close(torch.tensor(tis_none.metric_values("train")[key][-1]), torch.tensor(values[-1]), rtol=1e-5, atol=1e-6)
+    assert tis_none.metric_values("train")["weights/chosen_mean"][-1] == 1.0
 
 
 def test_rewards_are_transformed_inside_the_trainer(tmp_path, standard_dataset):
@@ -180,7 +180,7 @@ def _modify(dataset, column, row, value):
     [
         (lambda d: d.remove_columns(["chosen_weights", "rejected_weights"]), "ContrastiveWeightEstimator"),
         (lambda d: d.remove_columns(["rejected_weights"]), "only"),
-        (lambda d: _modify(d, "chosen_weights", 3, [1.0]), "row 3, column `chosen_weights`.*another tokenizer"),
+        (lambda d: _modify(d, "chosen_weights", 3, [1.0]), "row 3 \\(0-based\\), column `chosen_weights`.*another tokenizer"),
         (lambda d: _modify(d, "rejected_weights", 5, [float("nan")] * len(d[5]["rejected_weights"])), "row 5.*not finite"),
         (lambda d: _modify(d, "chosen_weights", 2, [-1.0] * len(d[2]["chosen_weights"])), "row 2.*negative"),
     ],

@@ -8,6 +8,7 @@ the same `max_length` truncation slice, zeros on the padding.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Callable, Sequence
@@ -20,6 +21,8 @@ from datasets import Dataset, IterableDataset
 from trl.data_utils import common_prefix_length, extract_prompt, is_conversational
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 from trl.trainer.utils import global_then_local_main_first, pad
+
+from .errors import InputError
 
 
 ESTIMATOR_HINT = (
@@ -38,7 +41,7 @@ REF_LOGPS_COLUMNS = ("chosen_ref_logps", "rejected_ref_logps")
 EXTRA_INPUT_COLUMNS = ("tools", "chat_template_kwargs")
 
 
-class TokenColumnError(ValueError):
+class TokenColumnError(InputError):
     """A per-token column is missing, misaligned with the tokenized completion, or holds invalid values."""
 
 
@@ -62,6 +65,69 @@ class TokenColumn:
     allow_negative: bool = True
 
 
+# Batch key of the `BatchLayout` the collator adds
+LAYOUT_KEY = "batch_layout"
+
+
+@dataclass
+class BatchLayout:
+    """What the host knows about a collated `[chosen; rejected]` batch, computed once by the collator from its CPU
+    tensors, so that the training step never has to read it back from the device.
+
+    On CUDA, every read of tensor values by the host (`.item()`, `nonzero`, a boolean-mask index, ...) waits until the
+    GPU has run everything queued before it, and the GPU then idles while the host launches what comes next. The scored
+    positions and the padding of a batch are known on the host when the batch is built: they travel with it in this
+    object, next to the tensors.
+
+    Attributes:
+        index (`torch.Tensor`): `[N]` int64, the scored positions, i.e. the flat indices `row * columns + t` of the
+            shifted `(rows, columns)` layout where `completion_mask[:, 1:]` is 1 (position `t` predicts token `t + 1`),
+            in row-major order. On the CPU as built; `.to(device)` returns a layout whose `index` lives on `device`.
+        rows (`int`): `2B`, the rows of the batch.
+        columns (`int`): `T - 1`, the shifted sequence length.
+        num_chosen (`int`): how many of the `N` positions lie in the chosen half (the first `B` rows); they come
+            first in `index`.
+        padded (`bool`): whether any row has padding (`attention_mask` has a 0).
+    """
+
+    index: torch.Tensor
+    rows: int
+    columns: int
+    num_chosen: int
+    padded: bool
+
+    @classmethod
+    def from_batch(cls, batch: dict[str, torch.Tensor]) -> BatchLayout:
+        """The layout of a collated batch (`completion_mask` and `attention_mask`, `(2B, T)`). On CPU tensors (the
+        collator) this reads nothing from a device; on device tensors it reads the masks back once."""
+        scored = batch["completion_mask"][:, 1:] != 0
+        rows, columns = scored.shape
+        index = scored.reshape(-1).nonzero().squeeze(1)
+        num_chosen = int(scored[: rows // 2].sum())
+        padded = not bool(batch["attention_mask"].all())
+        return cls(index=index, rows=rows, columns=columns, num_chosen=num_chosen, padded=padded)
+
+    @property
+    def num_positions(self) -> int:
+        return self.index.shape[0]
+
+    def to(self, device, non_blocking: bool = False) -> BatchLayout:
+        """The same layout with `index` on `device`. Called by accelerate when it moves the batch; the copy is always
+        non-blocking (the index comes from host memory, pinned by the DataLoader when `dataloader_pin_memory`), so it
+        never makes the host wait."""
+        if self.index.device == torch.device(device):
+            return self
+        return dataclasses.replace(self, index=self.index.to(device, non_blocking=True))
+
+    def pin_memory(self) -> BatchLayout:
+        """Called by the DataLoader's pin-memory thread (`dataloader_pin_memory=True` on CUDA)."""
+        return dataclasses.replace(self, index=self.index.pin_memory())
+
+    def matches(self, input_ids: torch.Tensor) -> bool:
+        """Whether this layout describes a batch of `input_ids`' shape (checked on shapes only, on the host)."""
+        return (self.rows, self.columns + 1) == tuple(input_ids.shape)
+
+
 @dataclass
 class DataCollatorForTokenPreference(DataCollatorForPreference):
     """[`~trl.trainer.dpo_trainer.DataCollatorForPreference`] that also lays out per-token columns.
@@ -69,6 +135,10 @@ class DataCollatorForTokenPreference(DataCollatorForPreference):
     Each [`TokenColumn`] becomes a float32 `(2B, T)` tensor under its `key`, aligned position by position with
     `input_ids` and `completion_mask`: zeros on the prompt and the padding, the column's values on the completion,
     truncated with the same `max_length` / `truncation_mode` slice as the ids.
+
+    With `batch_layout=True` (the default) the batch also carries a [`BatchLayout`] under `"batch_layout"`: the scored
+    positions and the padding, computed here on the host, so that the trainers' steps never read them back from the
+    device. The model never sees it (the trainers strip it from the model's inputs).
 
     Examples:
     ```python
@@ -81,9 +151,12 @@ class DataCollatorForTokenPreference(DataCollatorForPreference):
     """
 
     token_columns: Sequence[TokenColumn] = field(default_factory=tuple)
+    batch_layout: bool = True
 
     def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         output = super().torch_call(examples)
+        if self.batch_layout:
+            output[LAYOUT_KEY] = BatchLayout.from_batch(output)
         for column in self.token_columns:
             rows = []
             for side, name in (("chosen", column.chosen), ("rejected", column.rejected)):
@@ -141,7 +214,7 @@ def validate_token_columns(
         for i in range(len(batch["chosen_ids"])):
             for side, name in (("chosen", chosen_column), ("rejected", rejected_column)):
                 source_row = source_rows[row + i] if source_rows is not None else row + i
-                where = f"{dataset_name} dataset, row {source_row}, column `{name}`"
+                where = f"{dataset_name} dataset, row {source_row} (0-based), column `{name}`"
                 check_token_values(batch[name][i], len(batch[f"{side}_ids"][i]), where, side, allow_negative)
         row += len(batch["chosen_ids"])
 
@@ -187,6 +260,111 @@ def check_token_values(values, num_tokens: int, where: str, side: str, allow_neg
                 "token rewards, put them in `chosen_token_rewards` / `rejected_token_rewards` instead."
             )
     raise TokenColumnError(f"{where}: expected a flat list of floats.")  # pragma: no cover - caught above
+
+
+TEXT_COLUMNS = ("prompt", "chosen", "rejected")
+PREFERENCE_FORMAT = (
+    "Each row needs `chosen` and `rejected` (and `prompt`, or the prompt is their common beginning), all strings "
+    '(standard) or all lists of messages like {"role": "user", "content": "..."} (conversational)'
+)
+
+
+def _rows(numbers: list[int], total: int) -> str:
+    """How many rows have a problem and the first ten of them, e.g. "(3 of 10 rows: 4, 5, 9)"."""
+    shown = ", ".join(map(str, numbers[:10])) + (", ..." if len(numbers) > 10 else "")
+    return f"({len(numbers)} of {total} rows: {shown})"
+
+
+def _text_kind(value) -> str | None:
+    """"text" or "messages" for a valid prompt / completion value, `None` for anything else."""
+    if isinstance(value, str):
+        return "text"
+    if isinstance(value, list) and all(isinstance(m, dict) and "role" in m for m in value):
+        return "messages"
+    return None
+
+
+def _is_blank(value) -> bool:
+    """A completion with nothing in it: an empty or whitespace-only string, no message, or only blank contents."""
+    if isinstance(value, str):
+        return not value.strip()
+    return all(isinstance(m.get("content"), str) and not m["content"].strip() for m in value)
+
+
+def check_preference_rows(dataset: Dataset | IterableDataset, source: str, noun: str = "column") -> None:
+    """Refuse, before any tokenization or model, what a preference dataset cannot hold, with one message that names
+    `source` (a file name, or "train dataset"), the first bad row (0-based), the column and the fix:
+
+    - a missing `chosen` / `rejected` column, or a row where it (or an existing `prompt`) is missing / null;
+    - a value that is neither a string nor a list of messages (dicts with a "role"), or a row that mixes the two;
+    - an empty (or whitespace-only) completion, or a conversational completion whose messages are all blank: it would
+      train on the end-of-sequence token alone, a signal nobody meant to give. (An empty prompt is valid.)
+
+    The message counts the rows with the same problem and lists the first ten. `noun` is what a column is called in
+    `source` ("field" for a JSON file). An `IterableDataset` is not checked here (TRL checks each row as it streams).
+    """
+    if not isinstance(dataset, Dataset):
+        return
+    missing = [c for c in ("chosen", "rejected") if c not in dataset.column_names]
+    if missing:
+        names = " or ".join(f"`{c}`" for c in missing)
+        absent = f"no row has a {names} field" if noun == "field" else f"no {names} {noun}"
+        raise InputError(
+            f"{source}: {absent} (its {noun}s: {', '.join(dataset.column_names) or 'none'}). {PREFERENCE_FORMAT}: "
+            f"add the {noun}, or rename the one that holds it."
+        )
+    columns = [c for c in TEXT_COLUMNS if c in dataset.column_names]
+    problems: dict[tuple[str, str], list[int]] = {}  # (kind, column) -> rows, in the order found
+    examples: dict[tuple[str, str], object] = {}
+    row = 0
+    for batch in dataset.select_columns(columns).iter(batch_size=4096):
+        for i in range(len(batch[columns[0]])):
+            kinds = {}
+            for column in columns:
+                value = batch[column][i]
+                if value is None:
+                    problem = "missing"
+                elif _text_kind(value) is None:
+                    problem = "type"
+                elif column != "prompt" and _is_blank(value):
+                    problem = "empty"
+                else:
+                    kinds[column] = _text_kind(value)
+                    continue
+                problems.setdefault((problem, column), []).append(row + i)
+                examples.setdefault((problem, column), value)
+            if len(set(kinds.values())) > 1:
+                problems.setdefault(("mixed", "+".join(kinds)), []).append(row + i)
+                examples.setdefault(("mixed", "+".join(kinds)), kinds)
+        row += len(batch[columns[0]])
+    if not problems:
+        return
+    # the first problem of the first bad row; missing values first: they also explain an odd type in other tools
+    (problem, column), rows = min(problems.items(), key=lambda item: (item[1][0], item[0][0] != "missing"))
+    where = f"{source}, row {rows[0]} (0-based), {noun} `{column}`"
+    count = _rows(rows, len(dataset))
+    if problem == "missing":
+        raise InputError(
+            f"{where}: missing or null {count}. {PREFERENCE_FORMAT}: fill it in, or drop these rows."
+        )
+    if problem == "type":
+        value = examples[(problem, column)]
+        raise InputError(
+            f"{where}: expected a string or a list of messages (dicts with a \"role\" and a \"content\"), got "
+            f"{type(value).__name__} ({value!r:.60}) {count}. Convert the {noun} to text, or fix these rows."
+        )
+    if problem == "mixed":
+        kinds = examples[(problem, column)]
+        texts = ", ".join(f"`{c}`" for c, k in kinds.items() if k == "text")
+        messages = ", ".join(f"`{c}`" for c, k in kinds.items() if k == "messages")
+        raise InputError(
+            f"{source}, row {rows[0]} (0-based): mixes text ({texts}) and lists of messages ({messages}) {count}. Use "
+            "one format per row: all strings (standard) or all lists of messages (conversational)."
+        )
+    raise InputError(
+        f"{where}: the completion is empty {count}. An empty completion gives the pair no signal on that side (only "
+        "the end-of-sequence token would be scored): write the completion, or drop these rows."
+    )
 
 
 def tokenize_preference_dataset(

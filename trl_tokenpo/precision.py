@@ -1,11 +1,15 @@
-"""The precision default of this package's configs: TRL's `bf16=True` where it works, float32 on CPU."""
+"""The defaults this package's configs resolve at construction: the precision (TRL's `bf16=True` where it works,
+float32 on CPU), and two settings that would otherwise print a warning on every run (pinned memory without an
+accelerator; the deprecated name of gradient checkpointing)."""
 
 from __future__ import annotations
 
 from transformers import TrainingArguments
 
+from .compat import adopt_checkpointing_name
 
-__all__ = ["BF16_HELP", "resolve_bf16_default"]
+
+__all__ = ["BF16_HELP", "resolve_bf16_default", "resolve_defaults"]
 
 BF16_HELP = (
     "Whether to use bf16 (mixed) precision instead of 32-bit. If not set: True on a bf16-capable accelerator (TRL's "
@@ -32,3 +36,21 @@ def resolve_bf16_default(config: TrainingArguments) -> None:
             f"{type(config).__name__}(bf16=True) needs a bf16-capable accelerator, and this machine has none. Leave "
             "bf16 unset (or False) to train in float32, or also set use_cpu=True to train with bf16 autocast on CPU."
         )
+
+
+def resolve_defaults(config: TrainingArguments) -> None:
+    """Everything a config of this package resolves before `TrainingArguments.__post_init__` runs:
+
+    - `bf16` (`resolve_bf16_default`);
+    - `dataloader_pin_memory` is turned off where there is no accelerator (or with `use_cpu`): pinned memory only
+      speeds up copies to an accelerator, and torch warns about it on every run otherwise;
+    - with transformers >= 5.24, TRL's default `gradient_checkpointing=True` goes under its new name
+      (`trl_tokenpo.compat.adopt_checkpointing_name`), without transformers' FutureWarning.
+    """
+    import torch
+
+    resolve_bf16_default(config)
+    accelerator = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
+    if config.use_cpu or not accelerator:
+        config.dataloader_pin_memory = False
+    adopt_checkpointing_name(config)

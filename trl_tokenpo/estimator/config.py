@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-from ..precision import resolve_bf16_default
+from ..precision import resolve_defaults
 
 
 # The system prompts of the TIS-DPO paper (Liu et al., ICLR 2025), spelled as the paper spells them.
@@ -263,7 +263,7 @@ class WeightEstimatorConfig(TrainingArguments):
         for name, value in METHOD_TRAINING_DEFAULTS[self.method].items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
-        resolve_bf16_default(self)
+        resolve_defaults(self)
         super().__post_init__()
         if self.cache_dir is None:
             self.cache_dir = f"{self.output_dir}/score_cache"

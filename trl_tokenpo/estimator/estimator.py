@@ -338,15 +338,13 @@ class ContrastiveWeightEstimator:
                 "got the neutral reward 0.0."
             )
         stats.separation = separation(values[REWARD_COLUMNS[0]], values[REWARD_COLUMNS[1]])
-        if self.state.is_main_process:
+        if self.state.is_main_process:  # shown either way, like the adapter training's notices
             message = f"Token rewards ({self.args.method} method): {stats.separation.describe()}."
-            if stats.separation.separated:
-                logger.info(message)
-            else:
-                logger.warning(
-                    f"{message} The rewards do not separate chosen from rejected: the contrastive pair may not fit "
-                    "this task (see docs/estimator.md, 'Does the pair fit the task?')."
+            if not stats.separation.separated:
+                message += (
+                    " The contrastive pair may not fit this task (see docs/estimator.md, 'Does the pair fit the task?')."
                 )
+            logger.warning(message)
 
     def _assemble(self, dataset: Dataset, values: dict[str, list], key: str) -> Dataset:
         added = list(values) + ([REF_FINGERPRINT_COLUMN] if self.args.include_ref_logps else [])

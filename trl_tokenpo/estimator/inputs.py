@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from datasets import Dataset, DatasetDict, IterableDataset
 from trl.data_utils import is_conversational
 
-from ..data import EXTRA_INPUT_COLUMNS, tokenize_preference_example
+from ..data import EXTRA_INPUT_COLUMNS, check_preference_rows, tokenize_preference_example
+from ..errors import InputError
 
 
 logger = logging.getLogger(__name__)
@@ -19,8 +20,10 @@ __all__ = ["ScoringInputs", "scoring_inputs", "validate_dataset"]
 SIDES = ("chosen", "rejected")
 
 
-def validate_dataset(dataset) -> None:
-    """Refuse, with the fix, anything that is not a non-empty `datasets.Dataset` with `chosen` and `rejected`."""
+def validate_dataset(dataset, source: str = "dataset") -> None:
+    """Refuse, with the fix, anything that is not a non-empty `datasets.Dataset` of valid preference rows (the
+    trainer's checks, `check_preference_rows`: a missing or empty completion is named with its row, before any
+    model runs). `source` names the dataset in messages."""
     if isinstance(dataset, (DatasetDict, dict)):
         raise TypeError(
             f"Expected a datasets.Dataset, got a {type(dataset).__name__} (splits {list(dataset)}): pick a split, "
@@ -33,14 +36,9 @@ def validate_dataset(dataset) -> None:
         )
     if not isinstance(dataset, Dataset):
         raise TypeError(f"Expected a datasets.Dataset, got {type(dataset).__name__}.")
-    missing = [c for c in SIDES if c not in dataset.column_names]
-    if missing:
-        raise ValueError(
-            f"The dataset lacks the column(s) {missing}; it has {dataset.column_names}. The estimator needs a TRL "
-            "preference dataset: 'prompt' (optional: implicit prompts are extracted), 'chosen', 'rejected'."
-        )
     if len(dataset) == 0:
-        raise ValueError("The dataset is empty: there is nothing to estimate.")
+        raise InputError("The dataset is empty: there is nothing to estimate.")
+    check_preference_rows(dataset, source)
 
 
 @dataclass

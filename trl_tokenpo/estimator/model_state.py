@@ -18,6 +18,8 @@ from collections.abc import Iterator
 import torch
 from transformers import PreTrainedModel
 
+from ..compat import checkpointing_enabled, set_checkpointing
+
 
 __all__ = [
     "AttachedPair",
@@ -61,7 +63,7 @@ class ModelSnapshot:
         self.forward = model.__dict__.get("forward", _MISSING)
         self.requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
         self.training = model.training
-        self.gradient_checkpointing = getattr(model, "is_gradient_checkpointing", False)
+        self.gradient_checkpointing = checkpointing_enabled(model)
         self.use_cache = getattr(model.config, "use_cache", None)
 
     def restore(self) -> None:
@@ -74,8 +76,8 @@ class ModelSnapshot:
             if name in self.requires_grad:
                 p.requires_grad_(self.requires_grad[name])
         model.train(self.training)
-        if getattr(model, "is_gradient_checkpointing", False) and not self.gradient_checkpointing:
-            model.gradient_checkpointing_disable()
+        if checkpointing_enabled(model) and not self.gradient_checkpointing:
+            set_checkpointing(model, False)
         if self.use_cache is not None:
             model.config.use_cache = self.use_cache
 

@@ -25,6 +25,7 @@ import torch
 from datasets import Dataset
 from transformers import TrainingArguments
 
+from ..compat import quiet_checkpointing_rename
 from ..data import EXTRA_INPUT_COLUMNS, tokenize_preference_dataset
 from ..files import atomic_write_json, is_stale_temp, read_json, temp_path
 from ..fingerprint import fingerprint, jsonable
@@ -275,10 +276,11 @@ def _train_adapter(model, processing_class, args, name: str, train_dataset: Data
     snapshot = ModelSnapshot(model)
     trainer = None
     try:
-        trainer = trainer_class(
-            model=model, args=config, train_dataset=train_dataset, processing_class=processing_class,
-            peft_config=LoraConfig(task_type="CAUSAL_LM", bias="none", **lora_settings(args)), **extra,
-        )  # fmt: skip
+        with quiet_checkpointing_rename():  # peft's get_peft_model, called by TRL, reads the old name
+            trainer = trainer_class(
+                model=model, args=config, train_dataset=train_dataset, processing_class=processing_class,
+                peft_config=LoraConfig(task_type="CAUSAL_LM", bias="none", **lora_settings(args)), **extra,
+            )  # fmt: skip
         trainer.train()
         if state.is_main_process:
             _save_adapter(trainer.accelerator.unwrap_model(trainer.model), target, fit_key, name)

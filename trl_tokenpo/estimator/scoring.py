@@ -72,10 +72,18 @@ class Separation:
     chosen_higher: float
     separated: bool
 
+    @property
+    def threshold(self) -> float:
+        """The share of pairs above which the rewards count as separated: chance plus two standard errors."""
+        return 0.5 + 1.0 / math.sqrt(self.num_pairs) if self.num_pairs else 1.0
+
     def describe(self) -> str:
+        verdict = "they separate" if self.separated else "they do not separate"
         return (
             f"mean r_t chosen {self.mean_reward_chosen:+.4f}, rejected {self.mean_reward_rejected:+.4f}; the chosen "
-            f"completion scores higher in {100 * self.chosen_higher:.1f}% of {self.num_pairs} pairs (chance: 50%)"
+            f"completion scores higher in {100 * self.chosen_higher:.1f}% of {self.num_pairs} pairs: {verdict} "
+            f"chosen from rejected (separated above {100 * min(self.threshold, 1.0):.1f}% = 50% chance + two standard "
+            "errors, 1 / sqrt(pairs))"
         )
 
 
@@ -91,7 +99,7 @@ def separation(chosen: Sequence[Sequence[float]], rejected: Sequence[Sequence[fl
         mean_reward_chosen=math.fsum(sums_c) / max(tokens_c, 1),
         mean_reward_rejected=math.fsum(sums_r) / max(tokens_r, 1),
         chosen_higher=higher,
-        separated=n > 0 and higher > 0.5 + 1.0 / math.sqrt(n),
+        separated=n > 0 and higher > 0.5 + 1.0 / math.sqrt(n),  # Separation.threshold
     )
 
 

@@ -87,7 +87,8 @@ class TokenStatsFunction(torch.autograd.Function):
     ``[N, H_ref]``, ``ref_weight`` ``[V, H_ref]``, ``ref_bias`` ``[V] | None``, ``labels`` ``[N]`` (int64, all valid),
     ``policy_logit_scale``, ``policy_softcap``, ``ref_logit_scale``, ``ref_softcap`` (float / float | None),
     ``outputs`` (tuple of names from :data:`~trl_tokenpo.kernels.OPTIONAL_OUTPUTS`), ``tile_elements`` (int or
-    ``None`` for the backend's default), ``backend`` (``"torch"``, the default, or ``"triton"``; not ``"auto"``).
+    ``None`` for the backend's default), ``backend`` (``"torch"``, the default, or ``"triton"``; not ``"auto"``),
+    ``kl_gradient_rows`` (``(start, end)`` or ``None``, see :func:`fused_token_stats`).
 
     Outputs: the eight ``[N]`` per-token fields of :class:`~trl_tokenpo.kernels.TokenStats`, in order
     (``policy_logps``, ``ref_logps``, ``forward_kl``, ``reverse_kl``, ``entropy``, ``mean_logits``, ``is_top1``,
@@ -122,6 +123,7 @@ class TokenStatsFunction(torch.autograd.Function):
         outputs: tuple[str, ...],
         tile_elements: int | None,
         backend: str = "torch",
+        kl_gradient_rows: tuple[int, int] | None = None,
     ):
         # Gradients of unused differentiable outputs arrive as None instead of zero tensors
         ctx.set_materialize_grads(False)
@@ -140,6 +142,9 @@ class TokenStatsFunction(torch.autograd.Function):
             )
         if backend not in ("torch", "triton"):
             raise ValueError(f"backend must be 'torch' or 'triton' here (resolve 'auto' first); got {backend!r}.")
+        kl_rows = (0, num_tokens) if kl_gradient_rows is None else tuple(int(i) for i in kl_gradient_rows)
+        if len(kl_rows) != 2 or not 0 <= kl_rows[0] <= kl_rows[1] <= num_tokens:
+            raise ValueError(f"kl_gradient_rows must be (start, end) with 0 <= start <= end <= {num_tokens}; got {kl_gradient_rows}.")
         tiles = _tiles(backend)
         tile_elements = tiles.TILE_ELEMENTS if tile_elements is None else tile_elements
         policy_dtype = compute_dtype(policy_hidden)
@@ -171,6 +176,7 @@ class TokenStatsFunction(torch.autograd.Function):
         ctx.dtypes = (policy_dtype, ref_dtype)
         ctx.tile_elements = tile_elements
         ctx.backend = backend
+        ctx.kl_rows = kl_rows
         non_differentiable = ("ref_logps", "entropy", "mean_logits", "is_top1", "log_sum_sq_probs")
         ctx.mark_non_differentiable(*(stats[name] for name in non_differentiable if stats[name] is not None))
         return tuple(stats[name] for name in PER_TOKEN_FIELDS)
@@ -218,6 +224,7 @@ class TokenStatsFunction(torch.autograd.Function):
                 grad_weight,
                 grad_bias,
                 ctx.tile_elements,
+                ctx.kl_rows,
             )
 
         return (
@@ -243,6 +250,7 @@ def fused_token_stats(
     outputs: tuple[str, ...] = ("forward_kl",),
     tile_elements: int | None = None,
     backend: str = "auto",
+    kl_gradient_rows: tuple[int, int] | None = None,
 ) -> TokenStats:
     """Per-token statistics of a policy and a reference LM head on ``N`` scored positions, in one tiled pass.
 
@@ -263,6 +271,10 @@ def fused_token_stats(
             tiles in the compute dtype) for Triton.
         backend: ``"auto"`` (Triton on CUDA when ``triton`` is importable, torch elsewhere), ``"torch"`` or
             ``"triton"`` (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1`` for tests).
+        kl_gradient_rows: optional ``(start, end)``: rows ``start:end`` are the only ones whose ``forward_kl`` /
+            ``reverse_kl`` may receive a non-zero gradient, so the backward projects the reference head for them alone
+            (TDPO2 stops the gradient of the chosen completions' KL). A promise of the caller, not checked: reading
+            the gradients to check it would make the host wait for the device. ``None``: every row.
 
     Returns:
         :class:`~trl_tokenpo.kernels.TokenStats` of ``[N]`` float32 tensors (``is_top1``: bool), ``None`` for
@@ -298,5 +310,6 @@ def fused_token_stats(
             outputs,
             tile_elements,
             backend,
+            kl_gradient_rows,
         )
     return TokenStats(**dict(zip(PER_TOKEN_FIELDS, results)))

@@ -33,6 +33,8 @@ class ReferenceHidden:
         logit_scale: logit multiplier of the reference model's config.
         softcap: ``final_logit_softcapping`` of the reference model's config, or ``None``.
         mask: ``[B, T-1]`` bool, the scored positions (``labels[:, 1:] != -100``).
+        positions: ``[N]`` int64, the flat indices of the scored positions in ``mask`` (row-major), the rows of
+            ``hidden``.
     """
 
     hidden: torch.Tensor
@@ -41,6 +43,7 @@ class ReferenceHidden:
     logit_scale: float
     softcap: float | None
     mask: torch.Tensor
+    positions: torch.Tensor
 
 
 @dataclasses.dataclass
@@ -57,6 +60,14 @@ class TokenStatsRequest:
         tile_elements: tile budget override (default: the backend's, see
             :func:`~trl_tokenpo.kernels.fused_token_stats`).
         backend: ``"auto"`` (Triton on CUDA when ``triton`` is importable, else torch), ``"torch"`` or ``"triton"``.
+        positions: optional ``[N]`` int64 flat indices (row-major in ``[B, T-1]``) of the scored positions, i.e. of
+            ``labels[:, 1:] != -100``, as the caller knows them from the host (e.g.
+            :attr:`trl_tokenpo.data.BatchLayout.index`). ``None``: found with ``nonzero`` on the labels, which makes the host
+            wait for the device on CUDA. Pass the same tensor in the reference-mode and the policy-mode request.
+        kl_gradient_rows: optional ``(start, end)``: the scored positions ``positions[start:end]`` are the only ones
+            whose ``forward_kl`` / ``reverse_kl`` can receive a non-zero gradient (TDPO2 detaches the chosen
+            completions' KL, which come first), so the backward recomputes the reference's logits only for them.
+            A promise of the caller: gradients of the other positions' KL are not read. ``None``: all positions.
     """
 
     labels: torch.Tensor
@@ -64,6 +75,8 @@ class TokenStatsRequest:
     outputs: tuple[str, ...] = ("forward_kl",)
     tile_elements: int | None = None
     backend: str = "auto"
+    positions: torch.Tensor | None = None
+    kl_gradient_rows: tuple[int, int] | None = None
 
 
 def logit_transform_from_config(config) -> tuple[float, float | None]:
@@ -148,24 +161,36 @@ def _token_stats_forward(self, args, kwargs, request: TokenStatsRequest):
     hidden = hidden.to(weight.device)
     labels = labels.to(weight.device)
     mask = labels != _IGNORE_INDEX  # [B, T-1]
+    positions = request.positions
+    if positions is None:  # found on the device: the host waits for it
+        positions = mask.reshape(-1).nonzero().squeeze(1)
+    positions = positions.to(weight.device, non_blocking=True)
+    # Gathered by index, not by boolean mask: the number of rows is the index's length, known on the host
+    flat_hidden = hidden.reshape(-1, hidden.shape[-1])  # [B * (T-1), H]
     logit_scale, softcap = logit_transform_from_config(self.config)
 
     if not policy_mode:
         return ReferenceHidden(
-            hidden=hidden[mask].detach(), weight=weight, bias=bias, logit_scale=logit_scale, softcap=softcap, mask=mask
-        )
+            hidden=flat_hidden.index_select(0, positions).detach(), weight=weight, bias=bias, logit_scale=logit_scale,
+            softcap=softcap, mask=mask, positions=positions,
+        )  # fmt: skip
 
     reference = request.reference
-    if reference.mask.shape != mask.shape or not torch.equal(reference.mask.to(mask.device), mask):
-        raise ValueError("The reference was computed on other scored positions than the policy's labels.")
+    # Compared on shapes only (host metadata): the caller passes one request's labels and positions to both calls
+    if reference.mask.shape != mask.shape or reference.positions.shape != positions.shape:
+        raise ValueError(
+            f"The reference was computed on other scored positions ({reference.positions.shape[0]} in a "
+            f"{tuple(reference.mask.shape)} batch) than the policy's labels ({positions.shape[0]} in "
+            f"{tuple(mask.shape)})."
+        )
     stats = fused_token_stats(
-        hidden[mask],
+        flat_hidden.index_select(0, positions),
         weight,
         bias,
         reference.hidden.to(weight.device),
         reference.weight,
         reference.bias,
-        labels[mask],
+        labels.reshape(-1).index_select(0, positions),
         policy_logit_scale=logit_scale,
         policy_softcap=softcap,
         ref_logit_scale=reference.logit_scale,
@@ -173,12 +198,15 @@ def _token_stats_forward(self, args, kwargs, request: TokenStatsRequest):
         outputs=check_outputs(request.outputs),
         tile_elements=request.tile_elements,
         backend=request.backend,
+        kl_gradient_rows=request.kl_gradient_rows,
     )
-    # `masked_scatter` keeps the outputs connected to the graph even when no position is scored
+    # Scattered back by index (`index_copy` keeps the outputs connected to the graph even when no position is scored)
     per_position = {}
     for name in PER_TOKEN_FIELDS:
         value = getattr(stats, name)
-        per_position[name] = None if value is None else value.new_zeros(mask.shape).masked_scatter(mask, value)
+        if value is not None:
+            value = value.new_zeros(mask.numel()).index_copy(0, positions, value).view(mask.shape)
+        per_position[name] = value
 
     aux_loss = None
     if kwargs.get("output_router_logits"):

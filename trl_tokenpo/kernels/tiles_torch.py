@@ -137,17 +137,23 @@ def backward(
     grad_weight: torch.Tensor | None,  # [V, H] float32 accumulator, or None
     grad_bias: torch.Tensor | None,  # [V] float32 accumulator, or None
     tile_elements: int,
+    kl_rows: tuple[int, int] | None = None,
 ) -> None:
     """Accumulate the gradients of ``sum(g_lp * policy_logps + g_fkl * forward_kl + g_rkl * reverse_kl)`` with respect
     to the policy's hidden states, LM head weight and bias into the float32 accumulators. ``ref`` is needed (not
-    ``None``) when ``g_fkl`` or ``g_rkl`` is given."""
+    ``None``) when ``g_fkl`` or ``g_rkl`` is given. ``kl_rows = (start, end)``: ``g_fkl`` / ``g_rkl`` are zero outside
+    these rows (the caller's promise), so a tile with none of them skips the reference's projection."""
     num_tokens, vocab_size = policy.hidden.shape[0], policy.weight.shape[0]
     device = policy.hidden.device
     rows = rows_per_tile(vocab_size, tile_elements)
-    needs_ref = g_fkl is not None or g_rkl is not None
+    kl_start, kl_end = (0, num_tokens) if kl_rows is None else kl_rows
+    kl_grads = (g_fkl, g_rkl)
 
     for start in range(0, num_tokens, rows):
         end = min(start + rows, num_tokens)
+        # A tile that straddles `kl_rows` keeps the KL terms of all its rows (zero outside): same tiles, same sums
+        g_fkl, g_rkl = kl_grads if start < kl_end and end > kl_start else (None, None)
+        needs_ref = g_fkl is not None or g_rkl is not None
         h_pol = policy.hidden[start:end].to(policy.dtype)  # [n, H]
         z_pol, dz_dx = project(h_pol, policy.weight, policy.bias, policy.scale, policy.softcap, with_derivative=True)
         lp_pol = z_pol.sub_(policy_lse[start:end].unsqueeze(-1))  # [n, V], log-softmax with the forward's lse

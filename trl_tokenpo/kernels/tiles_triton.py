@@ -295,7 +295,8 @@ def forward(
     device = policy.hidden.device
     rows, columns = tile_shape(num_tokens, vocab_size, tile_elements)
     state = torch.zeros(_STATE_ROWS, num_tokens, device=device, dtype=torch.float32)
-    state[[_P_MAX, _Q_MAX, _P_MAX_BEFORE]] = -math.inf
+    for row in (_P_MAX, _Q_MAX, _P_MAX_BEFORE):  # row by row: a list index would be copied from the host
+        state[row].fill_(-math.inf)
     flags = {
         "FKL": "forward_kl" in want,
         "RKL": "reverse_kl" in want,
@@ -346,16 +347,6 @@ def forward(
     return stats, policy_lse, (ref_lse if flags["FKL"] or flags["RKL"] else None)
 
 
-def _reference_rows(per_row: torch.Tensor) -> tuple[int, torch.Tensor | None]:
-    """How many tokens have a KL with a non-zero gradient, and an order of the tokens that puts them first (``None``
-    when they already come first). One host synchronization."""
-    needs_ref = (per_row[_G_FKL] != 0) | (per_row[_G_RKL] != 0)
-    num_ref = int(needs_ref.sum())
-    if num_ref in (0, needs_ref.numel()) or bool(needs_ref[:num_ref].all()):
-        return num_ref, None
-    return num_ref, torch.cat([needs_ref.nonzero().squeeze(1), (~needs_ref).nonzero().squeeze(1)])
-
-
 def backward(
     policy: Head,
     ref: Head | None,
@@ -370,12 +361,14 @@ def backward(
     grad_weight: torch.Tensor | None,
     grad_bias: torch.Tensor | None,
     tile_elements: int,
+    kl_rows: tuple[int, int] | None = None,
 ) -> None:
     """Same contract as :func:`.tiles_torch.backward`.
 
-    The reference's logits are recomputed only for the tokens whose forward or reverse KL has a non-zero gradient
-    (TDPO2 detaches the chosen side's KL, so about half of them): those tokens are processed first, in a permuted
-    order, and the others without any reference projection.
+    The reference's logits are recomputed only for the rows ``kl_rows`` whose forward or reverse KL can have a non-zero
+    gradient (TDPO2 detaches the chosen side's KL, so about half of them; the caller knows which from the host, so
+    nothing is read back from the device): the rows before and after them are processed without any reference
+    projection.
     """
     num_tokens, vocab_size = policy.hidden.shape[0], policy.weight.shape[0]
     if num_tokens == 0:
@@ -388,17 +381,16 @@ def backward(
         if value is not None:
             per_row[index] = value
 
-    # Tokens that need the reference's logits first
     p_hidden, r_hidden = policy.hidden, None if ref is None else ref.hidden
-    num_ref, order = _reference_rows(per_row) if g_fkl is not None or g_rkl is not None else (0, None)
-    if order is not None:
-        p_hidden, r_hidden, labels, per_row = p_hidden[order], r_hidden[order], labels[order], per_row[:, order]
-    acc_hidden = grad_hidden if order is None or grad_hidden is None else torch.zeros_like(grad_hidden)
+    kl_start, kl_end = (0, num_tokens) if kl_rows is None else kl_rows
+    if g_fkl is None and g_rkl is None:
+        kl_start = kl_end = num_tokens
 
     args = {"LP": g_lp is not None, "BLOCK": _block(columns), **_transform_args(policy, ref or policy)}
     p_buffer = torch.empty(rows * columns, device=device, dtype=policy.dtype)
-    q_buffer = torch.empty(rows * columns, device=device, dtype=ref.dtype) if num_ref else None
-    for first, last, with_ref in ((0, num_ref, True), (num_ref, num_tokens, False)):
+    q_buffer = torch.empty(rows * columns, device=device, dtype=ref.dtype) if kl_end > kl_start else None
+    spans = ((0, kl_start, False), (kl_start, kl_end, True), (kl_end, num_tokens, False))
+    for first, last, with_ref in spans:
         flags = {"FKL": with_ref and g_fkl is not None, "RKL": with_ref and g_rkl is not None, "REF": with_ref}
         for start in range(first, last, rows):
             end = min(start + rows, last)
@@ -424,9 +416,7 @@ def backward(
                 # `tile` now holds the gradient of the raw logits, in the compute dtype
                 if grad_bias is not None:
                     grad_bias[col:col_end] += tile.sum(0, dtype=torch.float32)
-                if acc_hidden is not None:
-                    accumulate_mm(acc_hidden[start:end], tile, policy.weight[col:col_end])
+                if grad_hidden is not None:
+                    accumulate_mm(grad_hidden[start:end], tile, policy.weight[col:col_end])
                 if grad_weight is not None:
                     accumulate_mm(grad_weight[col:col_end], tile.t(), h_pol)
-    if acc_hidden is not grad_hidden:
-        grad_hidden.index_copy_(0, order, acc_hidden)

@@ -28,14 +28,17 @@ from datasets import Dataset, IterableDataset
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import DPOConfig, DPOTrainer
-from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
 from .. import losses
+from ..compat import disable_checkpointing, quiet_checkpointing_rename
+from ..data import LAYOUT_KEY, BatchLayout, DataCollatorForTokenPreference, check_preference_rows
+from ..errors import InputError
 from ..files import atomic_write_json
 from ..kernels import TokenStats, TokenStatsRequest, add_token_stats_head
-from ..precision import BF16_HELP, resolve_bf16_default
+from ..precision import BF16_HELP, resolve_defaults
 from ..quantization import keep_4bit_layout
+from .sync_free import DeviceValue, known_padding, ratio_or_zero, resolve_metrics, value_if_positive
 
 
 logger = get_logger(__name__)
@@ -47,7 +50,7 @@ COUNTERS_NAME = "token_level_trainer_counters.json"
 # Temporary column holding each row's index in the dataset as given, while TRL tokenizes (and may drop rows)
 ROW_COLUMN = "__trl_tokenpo_row__"
 NON_MODEL_KEYS = frozenset(
-    {"completion_mask", "ref_chosen_logps", "ref_rejected_logps", "token_weights", "ref_token_logps"}
+    {"completion_mask", "ref_chosen_logps", "ref_rejected_logps", "token_weights", "ref_token_logps", LAYOUT_KEY}
 )
 METRIC_OUTPUTS = ("entropy", "mean_logits", "is_top1")
 
@@ -68,24 +71,30 @@ class TokenLevelDPOConfig(DPOConfig):
     bf16: bool | None = field(default=None, metadata={"help": BF16_HELP})
 
     def __post_init__(self):
-        resolve_bf16_default(self)
+        resolve_defaults(self)
         super().__post_init__()
 
 
 @dataclass
 class Objective:
     """What a subclass's objective returns: the per-pair margin `z` (the loss is `-log sigmoid(beta z)`), and extra
-    per-sequence or per-pair tensors to log (name -> `(2B,)` or `(B,)` tensor, averaged over the global batch)."""
+    per-sequence or per-pair tensors to log (name -> `(2B,)` or `(B,)` tensor, averaged over the global batch, or a
+    ready `DeviceValue`). Metrics stay on the device until they are logged."""
 
     margin: torch.Tensor
-    metrics: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    metrics: dict[str, torch.Tensor | DeviceValue] = dataclasses.field(default_factory=dict)
 
 
 class TokenLevelDPOTrainer(DPOTrainer):
     """Base class of the token-level trainers. Not used directly: see [`TDPOTrainer`] and [`TISDPOTrainer`].
 
     Subclasses set `config_class` and implement `_objective`, and say through `_kl_outputs` which full-vocabulary
-    statistics they need (`()` keeps DPOTrainer's cost: only gathered label log-probabilities).
+    statistics they need (`()` keeps DPOTrainer's cost: only gathered label log-probabilities) and through
+    `_kl_gradient_sides` which completions' KL carries a gradient.
+
+    The step never makes the host wait for the device before the backward is queued (see `sync_free.py`): the scored
+    positions and the padding come from the host with the batch (`BatchLayout`), and the metrics stay on the device
+    until TRL logs them, when they are read in one transfer.
     """
 
     config_class: type[DPOConfig] = DPOConfig
@@ -117,20 +126,25 @@ class TokenLevelDPOTrainer(DPOTrainer):
         self._check_method_args(args)
         self._check_dpo_options(args, peft_config)
 
-        super().__init__(
-            model=model,
-            ref_model=ref_model,
-            args=args,
-            data_collator=data_collator,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
-            compute_metrics=compute_metrics,
-            callbacks=callbacks,
-            optimizers=optimizers,
-            quantization_config=quantization_config,
-            peft_config=peft_config,
-        )
+        with quiet_checkpointing_rename():  # peft's get_peft_model, called by DPOTrainer, reads the old name
+            super().__init__(
+                model=model,
+                ref_model=ref_model,
+                args=args,
+                data_collator=data_collator,
+                train_dataset=train_dataset,
+                eval_dataset=eval_dataset,
+                processing_class=processing_class,
+                compute_metrics=compute_metrics,
+                callbacks=callbacks,
+                optimizers=optimizers,
+                quantization_config=quantization_config,
+                peft_config=peft_config,
+            )
+
+        if data_collator is None:
+            self._ensure_token_collator()
+        self._layout_warned = False
 
         # bitsandbytes would convert a 4-bit base in place on CPU in eval-mode forwards (see quantization.py)
         keep_4bit_layout(self.model)
@@ -165,6 +179,12 @@ class TokenLevelDPOTrainer(DPOTrainer):
     def _kl_outputs(self) -> tuple[str, ...]:
         """Full-vocabulary statistics the objective needs, among `"forward_kl"` and `"reverse_kl"`."""
         return ()
+
+    @property
+    def _kl_gradient_sides(self) -> str:
+        """`"both"`, or `"rejected"` when the objective stops the gradient of the chosen completions' KL (TDPO2): the
+        backward then recomputes the reference's logits for the rejected completions only."""
+        return "both"
 
     def _check_dpo_options(self, args: DPOConfig, peft_config) -> None:
         """Refuse the DPOConfig options that do not compose with a token-level objective, before any work."""
@@ -283,7 +303,7 @@ class TokenLevelDPOTrainer(DPOTrainer):
             self._source_rows = {}
         self._source_rows[dataset_name] = source_rows
         if num_rows and len(dataset) == 0:
-            raise ValueError(
+            raise InputError(
                 f"All {num_rows} rows of the {dataset_name} dataset were dropped because their prompt alone fills "
                 f"`max_length={args.max_length}` (with truncation_mode='keep_start' no completion token would remain). "
                 "Increase `max_length` or use truncation_mode='keep_end'."
@@ -295,7 +315,7 @@ class TokenLevelDPOTrainer(DPOTrainer):
                 f"{num_rows - len(dataset)} of {num_rows} rows of the {dataset_name} dataset were dropped because "
                 f"their prompt alone fills `max_length={args.max_length}` (with truncation_mode='keep_start' no "
                 "completion token would remain). Increase `max_length` or use truncation_mode='keep_end' to keep them. "
-                f"Dropped rows: {shown}.",
+                f"Dropped rows (0-based): {shown}.",
                 main_process_only=True,
             )
         if isinstance(dataset, Dataset) and len(dataset) > 0:
@@ -305,31 +325,10 @@ class TokenLevelDPOTrainer(DPOTrainer):
     @staticmethod
     def _check_text_columns(dataset, dataset_name: str) -> None:
         """Refuse, naming the row and the column, what TRL's tokenization would fail on with an unrelated error (a
-        `KeyError`, or an `AttributeError` on `None`): a missing `chosen` / `rejected` column, and a prompt or
-        completion that is neither a string nor a list of messages. An `IterableDataset` is checked by TRL only."""
-        if not isinstance(dataset, Dataset):
-            return
-        missing = [c for c in ("chosen", "rejected") if c not in dataset.column_names]
-        if missing:
-            raise ValueError(
-                f"The {dataset_name} dataset has no column {', '.join(f'`{c}`' for c in missing)} (its columns: "
-                f"{dataset.column_names}). A preference dataset needs `chosen` and `rejected` (and optionally "
-                "`prompt`), as text or as lists of messages."
-            )
-        columns = [c for c in ("prompt", "chosen", "rejected") if c in dataset.column_names]
-        row = 0
-        for batch in dataset.select_columns(columns).iter(batch_size=4096):
-            for column in columns:
-                for i, value in enumerate(batch[column]):
-                    if isinstance(value, str) or (
-                        isinstance(value, list) and all(isinstance(message, dict) for message in value)
-                    ):
-                        continue
-                    raise ValueError(
-                        f"{dataset_name} dataset, row {row + i}, column `{column}`: expected a string or a list of "
-                        f"messages (dicts with 'role' and 'content'); got {type(value).__name__} ({value!r:.80})."
-                    )
-            row += len(batch[columns[0]])
+        `KeyError`, or an `AttributeError` on `None`) or silently train on: a missing `chosen` / `rejected` column or
+        value, a prompt or completion that is neither a string nor a list of messages, an empty completion
+        (`check_preference_rows`). An `IterableDataset` is checked by TRL only."""
+        check_preference_rows(dataset, f"{dataset_name} dataset")
 
     @staticmethod
     def _check_completions(dataset: Dataset, dataset_name: str, source_rows: list[int] | None = None) -> None:
@@ -340,9 +339,9 @@ class TokenLevelDPOTrainer(DPOTrainer):
             for side in ("chosen", "rejected"):
                 for i, ids in enumerate(batch[f"{side}_ids"]):
                     if len(ids) == 0:
-                        raise ValueError(
-                            f"{dataset_name} dataset, row {source_rows[row + i] if source_rows else row + i}, column "
-                            f"`{side}`: the completion tokenizes to no "
+                        raise InputError(
+                            f"{dataset_name} dataset, row {source_rows[row + i] if source_rows else row + i} (0-based), "
+                            f"column `{side}`: the completion tokenizes to no "
                             "token (after the prompt). Check that the completion is not empty and that the chat "
                             "template renders an assistant turn for it, or drop the row."
                         )
@@ -357,6 +356,42 @@ class TokenLevelDPOTrainer(DPOTrainer):
     def _extra_signature_columns(self) -> list[str]:
         """Dataset columns the collator needs besides TRL's (subclasses)."""
         return []
+
+    def _token_columns(self) -> list:
+        """The per-token columns the collator lays out (subclasses; [`TokenColumn`] objects)."""
+        return []
+
+    def _ensure_token_collator(self) -> None:
+        """Replace DPOTrainer's default collator by a [`DataCollatorForTokenPreference`] with the same settings, which
+        also lays out the per-token columns and builds each batch's `BatchLayout` on the host. (DPOTrainer builds its
+        collator, and may run the reference precomputation with it, inside its own `__init__`.)"""
+        if isinstance(self.data_collator, DataCollatorForTokenPreference):
+            return
+        base = self.data_collator
+        self.data_collator = DataCollatorForTokenPreference(
+            pad_token_id=base.pad_token_id,
+            max_length=base.max_length,
+            truncation_mode=base.truncation_mode,
+            pad_to_multiple_of=base.pad_to_multiple_of,
+            token_columns=self._token_columns(),
+        )
+
+    def get_train_dataloader(self):
+        return self._check_layout_transport(super().get_train_dataloader())
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        return self._check_layout_transport(super().get_eval_dataloader(eval_dataset))
+
+    def _check_layout_transport(self, dataloader):
+        """accelerate's `DataLoaderDispatcher` (iterable datasets on several processes) concatenates and broadcasts
+        the batch's tensors and cannot carry a `BatchLayout`: the collator then leaves it out, and each step finds the
+        scored positions on the device instead (with a warning)."""
+        from accelerate.data_loader import DataLoaderDispatcher
+
+        if isinstance(dataloader, DataLoaderDispatcher) and self.accelerator.num_processes > 1:
+            if getattr(self.data_collator, "batch_layout", False):
+                self.data_collator.batch_layout = False
+        return dataloader
 
     # ------------------------------------------------------------------------------------------------------------
     # Per-token statistics
@@ -385,7 +420,7 @@ class TokenLevelDPOTrainer(DPOTrainer):
         ref_kwargs = {k: v for k, v in model_kwargs.items() if k != "output_router_logits"}
         with (
             torch.no_grad(),
-            disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
+            disable_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
             self._reference_context(),
         ):
             return ref_model(**ref_kwargs, **kwargs)
@@ -394,7 +429,7 @@ class TokenLevelDPOTrainer(DPOTrainer):
         """`(2B, T-1)` LD-DPO multipliers of the log-ratio (`ld_alpha`), or `mask` itself without LD-DPO."""
         return losses.length_desensitized_weights(mask, self.ld_alpha) if self.ld_alpha is not None else mask
 
-    def _per_token_stats(self, model, inputs, model_kwargs, labels, need_log_sum_sq: bool) -> TokenStats:
+    def _per_token_stats(self, model, model_kwargs, labels, layout: BatchLayout, need_log_sum_sq: bool) -> TokenStats:
         """Run the reference (no gradient) and the policy and return their per-token statistics, `(2B, T-1)` float32
         (after the shift), zero outside the completion; `forward_kl` / `reverse_kl` / `log_sum_sq_probs` are `None`
         when not requested, `ref_logps` when the reference sums were precomputed."""
@@ -416,17 +451,20 @@ class TokenLevelDPOTrainer(DPOTrainer):
                 aux_loss=outputs.aux_loss,
             )
 
-        # Token-level path: the reference returns its last hidden states (no LM head), the policy's forward projects
-        # both heads in tiles and returns every statistic in one pass
-        reference = self._reference_forward(ref_model, model_kwargs, token_stats=TokenStatsRequest(labels=labels))
+        # Token-level path: the reference returns its last hidden states at the scored positions (no LM head), the
+        # policy's forward projects both heads in tiles and returns every statistic in one pass. The positions come
+        # from the host; with a stop-gradient on the chosen KL (TDPO2), only the rejected positions, which come after
+        # the chosen ones, need the reference's logits again in the backward.
+        kl_rows = (layout.num_chosen, layout.num_positions) if self._kl_gradient_sides == "rejected" else None
+        request = TokenStatsRequest(labels=labels, positions=layout.index, kl_gradient_rows=kl_rows)
+        reference = self._reference_forward(ref_model, model_kwargs, token_stats=request)
         requested = kl_outputs + METRIC_OUTPUTS + (("log_sum_sq_probs",) if need_log_sum_sq else ())
-        return model(**model_kwargs, token_stats=TokenStatsRequest(labels=labels, reference=reference, outputs=requested))
+        request = dataclasses.replace(request, reference=reference, outputs=requested)
+        return model(**model_kwargs, token_stats=request)
 
-    # ------------------------------------------------------------------------------------------------------------
-    # Loss
-    # ------------------------------------------------------------------------------------------------------------
-
-    def _objective(self, stats: TokenStats, mask: torch.Tensor, ld_weights: torch.Tensor, inputs) -> Objective:
+    def _objective(
+        self, stats: TokenStats, mask: torch.Tensor, ld_weights: torch.Tensor, inputs, layout: BatchLayout
+    ) -> Objective:
         """The method's margin from the per-token statistics (subclasses).
 
         Args:
@@ -435,6 +473,7 @@ class TokenLevelDPOTrainer(DPOTrainer):
             mask: `(2B, T-1)` float completion mask (after the shift).
             ld_weights: `(2B, T-1)` LD-DPO multipliers of the log-ratio (`ld_alpha`), equal to `mask` without LD-DPO.
             inputs: the batch (for per-token weights).
+            layout: the batch's `BatchLayout` (scored positions known on the host), on the batch's device.
         """
         raise NotImplementedError
 
@@ -450,14 +489,33 @@ class TokenLevelDPOTrainer(DPOTrainer):
         subclass stores several sums per completion (column 0 is always DPOTrainer's unweighted sum)."""
         return torch.cat([inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]])
 
+    def _batch_layout(self, inputs) -> BatchLayout:
+        """The batch's `BatchLayout` on the device of its tensors: the one the collator built on the host, or (a
+        collator that builds none) one read from the device, which makes the host wait once per step."""
+        input_ids = inputs["input_ids"]
+        layout = inputs.get(LAYOUT_KEY)
+        if layout is None or not layout.matches(input_ids):
+            if not self._layout_warned and input_ids.device.type != "cpu":
+                self._layout_warned = True
+                logger.warning(
+                    f"The batches carry no `{LAYOUT_KEY}` (collator: {type(self.data_collator).__name__}), so each step "
+                    "reads the scored positions back from the device, which makes the host wait for it. Use "
+                    "`trl_tokenpo.DataCollatorForTokenPreference` to build them on the host.",
+                    main_process_only=True,
+                )
+            layout = BatchLayout.from_batch(inputs)
+        return layout.to(input_ids.device)
+
     def _compute_loss(self, model, inputs, return_outputs):
         mode = "train" if self.model.training else "eval"
+        layout = self._batch_layout(inputs)
         model_kwargs, labels = self._model_inputs(inputs)
         if self.aux_loss_enabled:
             model_kwargs["output_router_logits"] = True
         mask = inputs["completion_mask"][..., 1:].to(torch.float32)
 
-        stats = self._per_token_stats(model, inputs, model_kwargs, labels, need_log_sum_sq=self.use_weighting)
+        with known_padding(layout.padded):
+            stats = self._per_token_stats(model, model_kwargs, labels, layout, need_log_sum_sq=self.use_weighting)
         ld_weights = self._ld_weights(mask)
 
         # Sequence log-probabilities as DPOTrainer computes them (LD-DPO weighting included)
@@ -469,18 +527,20 @@ class TokenLevelDPOTrainer(DPOTrainer):
             ref_logps = losses.masked_sum(stats.ref_logps, mask, ld_weights)
         logratio = policy_logps - ref_logps
 
-        objective = self._objective(stats, mask, ld_weights, inputs)
+        objective = self._objective(stats, mask, ld_weights, inputs, layout)
         per_pair_loss = losses.preference_loss(objective.margin, self.beta)
         if self.use_weighting:
             per_pair_loss = per_pair_loss * losses.wpo_weights(stats.policy_logps, stats.log_sum_sq_probs, mask)
         loss = per_pair_loss.mean() * self.loss_weights[0]
         if self.aux_loss_enabled and stats.aux_loss is not None:
             loss = loss + self.router_aux_loss_coef * stats.aux_loss
-            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(stats.aux_loss).mean().item())
+            self._metrics[mode]["aux_loss"].append(DeviceValue(self.accelerator.gather_for_metrics(stats.aux_loss).mean()))
 
         self._log_dpo_metrics(mode, inputs, stats, mask, policy_logps, logratio)
         for name, value in objective.metrics.items():
-            self._metrics[mode][name].append(self.accelerator.gather_for_metrics(value.detach()).float().mean().item())
+            if not isinstance(value, DeviceValue):
+                value = DeviceValue(self.accelerator.gather_for_metrics(value.detach()).float().mean())
+            self._metrics[mode][name].append(value)
 
         if return_outputs:
             warnings.warn(
@@ -495,44 +555,86 @@ class TokenLevelDPOTrainer(DPOTrainer):
         return loss
 
     def _log_dpo_metrics(self, mode, inputs, stats, mask, policy_logps, logratio) -> None:
-        """Every metric `trl.DPOTrainer` logs, with the same names and meaning."""
+        """Every metric `trl.DPOTrainer` logs, with the same names and meaning, kept on the device (`DeviceValue`)
+        and read when they are logged; each gives the number DPOTrainer's `.item()` at this step gives."""
         gather = self.accelerator.gather_for_metrics
+        metrics = self._metrics[mode]
 
         entropy_sum = gather((stats.entropy.detach() * mask).sum()).sum()
         total_tokens = gather(mask.sum()).sum()
-        self._metrics[mode]["entropy"].append((entropy_sum / total_tokens).item() if total_tokens > 0 else 0.0)
+        metrics["entropy"].append(value_if_positive(entropy_sum / total_tokens, total_tokens))
 
         if mode == "train":
-            num_tokens = gather(inputs["attention_mask"].sum()).sum().item()
-            self._total_train_tokens += num_tokens // self._tp_size
-        self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+            batch_tokens = gather(inputs["attention_mask"].sum()).sum() // self._tp_size
+            self._pending_train_tokens = (
+                batch_tokens if self._pending_train_tokens is None else self._pending_train_tokens + batch_tokens
+            )
+        metrics["num_tokens"] = [self._train_tokens_value()]
 
         chosen_mask, rejected_mask = losses.split_pairs(mask)
         chosen_logits, rejected_logits = losses.split_pairs(stats.mean_logits.detach())
         for name, logits, side_mask in (("chosen", chosen_logits, chosen_mask), ("rejected", rejected_logits, rejected_mask)):
-            total = gather((logits * side_mask).sum()).sum().item()
-            count = gather(side_mask.sum()).sum().item()
-            self._metrics[mode][f"logits/{name}"].append(total / count if count > 0 else 0.0)
+            total = gather((logits * side_mask).sum()).sum()
+            count = gather(side_mask.sum()).sum()
+            metrics[f"logits/{name}"].append(ratio_or_zero(total, count))
 
         chosen_top1, _ = losses.split_pairs(stats.is_top1)
         correct = gather((chosen_top1.bool() & chosen_mask.bool()).sum()).sum()
         count = gather(chosen_mask.sum()).sum()
-        self._metrics[mode]["mean_token_accuracy"].append((correct / count).item() if count > 0 else 0.0)
+        metrics["mean_token_accuracy"].append(value_if_positive(correct / count, count))
 
         chosen_rewards, rejected_rewards = losses.split_pairs(self.beta * logratio.detach())
-        self._metrics[mode]["rewards/chosen"].append(self.accelerator.gather(chosen_rewards).mean().item())
-        self._metrics[mode]["rewards/rejected"].append(self.accelerator.gather(rejected_rewards).mean().item())
+        metrics["rewards/chosen"].append(DeviceValue(self.accelerator.gather(chosen_rewards).mean()))
+        metrics["rewards/rejected"].append(DeviceValue(self.accelerator.gather(rejected_rewards).mean()))
         accuracies = (chosen_rewards > rejected_rewards).float()
-        self._metrics[mode]["rewards/accuracies"].append(self.accelerator.gather(accuracies).mean().item())
+        metrics["rewards/accuracies"].append(DeviceValue(self.accelerator.gather(accuracies).mean()))
         margins = chosen_rewards - rejected_rewards
-        self._metrics[mode]["rewards/margins"].append(self.accelerator.gather(margins).mean().item())
+        metrics["rewards/margins"].append(DeviceValue(self.accelerator.gather(margins).mean()))
         chosen_logps, rejected_logps = losses.split_pairs(policy_logps.detach())
-        self._metrics[mode]["logps/chosen"].append(self.accelerator.gather(chosen_logps).mean().item())
-        self._metrics[mode]["logps/rejected"].append(self.accelerator.gather(rejected_logps).mean().item())
+        metrics["logps/chosen"].append(DeviceValue(self.accelerator.gather(chosen_logps).mean()))
+        metrics["logps/rejected"].append(DeviceValue(self.accelerator.gather(rejected_logps).mean()))
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Metrics: read from the device when they are logged
+    # ------------------------------------------------------------------------------------------------------------
+
+    @property
+    def _total_train_tokens(self) -> int:
+        """DPOTrainer's `num_tokens` counter. The steps add to a device tensor; reading the counter (a checkpoint
+        save) folds it into the host count."""
+        if self._pending_train_tokens is not None:
+            self._host_train_tokens += int(self._pending_train_tokens.item())
+            self._pending_train_tokens = None
+        return self._host_train_tokens
+
+    @_total_train_tokens.setter
+    def _total_train_tokens(self, value: int) -> None:
+        self._host_train_tokens = int(value)
+        self._pending_train_tokens = None
+
+    def _train_tokens_value(self):
+        """The `num_tokens` metric now, without reading the device."""
+        if self._pending_train_tokens is None:
+            return self._host_train_tokens
+        return DeviceValue(self._pending_train_tokens, combine=lambda pending, base=self._host_train_tokens: base + int(pending))
+
+    def metric_values(self, mode: str = "train") -> dict[str, list[float]]:
+        """The metrics gathered since the last log (`trainer._metrics[mode]`), as numbers: their values still on the
+        device are read in one transfer."""
+        resolve_metrics(self._metrics[mode])
+        return self._metrics[mode]
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        # DPOTrainer averages `self._metrics[mode]` here: read the values the steps kept on the device first
+        self.metric_values("train" if self.model.training else "eval")
+        super().log(logs, start_time)
 
     def _log_kl_metrics(self, metrics: dict, sequence_kl: torch.Tensor) -> None:
-        """`kl/chosen`, `kl/rejected`, `kl/margin` from the `(2B,)` sequence KLs of the objective."""
-        chosen, rejected = losses.split_pairs(sequence_kl.detach())
+        """`kl/chosen`, `kl/rejected`, `kl/margin` from the `(2B,)` sequence KLs of the objective. Each sequence KL is
+        logged clamped at 0: it is computed in float32 as a difference of log-sum-exps, so a KL of a few 1e-7 (a policy
+        still at the reference) can come out slightly below 0, which a KL never is. The loss uses the values as
+        computed."""
+        chosen, rejected = losses.split_pairs(sequence_kl.detach().clamp_min(0.0))
         metrics["kl/chosen"] = chosen
         metrics["kl/rejected"] = rejected
         metrics["kl/margin"] = chosen - rejected

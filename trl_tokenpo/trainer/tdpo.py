@@ -128,7 +128,12 @@ class TDPOTrainer(TokenLevelDPOTrainer):
     def _kl_outputs(self):
         return ("forward_kl",)
 
-    def _objective(self, stats, mask, ld_weights, inputs):
+    @property
+    def _kl_gradient_sides(self):
+        # TDPO2 stops the gradient of the chosen completions' KL
+        return "rejected" if self.method_args["tdpo_variant"] == "tdpo2" else "both"
+
+    def _objective(self, stats, mask, ld_weights, inputs, layout):
         logratio = losses.masked_sum(stats.policy_logps - stats.ref_logps, mask, ld_weights)
         forward_kl = losses.masked_sum(stats.forward_kl, mask)
         margin = losses.tdpo_margin(logratio, forward_kl, self.method_args["tdpo_variant"], self.method_args["alpha"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import textwrap
 from dataclasses import dataclass, field
 
@@ -23,6 +24,7 @@ from ..data import (
 from ..fingerprint import fingerprint, jsonable, reference_fingerprint
 from ..weights import REWARD_DENOISERS, WEIGHT_TRANSFORMS, WeightTransform
 from .base import Objective, TokenLevelDPOConfig, TokenLevelDPOTrainer
+from .sync_free import DeviceValue, value_if_positive
 
 
 logger = get_logger(__name__)
@@ -212,11 +214,8 @@ class TISDPOTrainer(TokenLevelDPOTrainer):
                 "TISDPOTrainer needs a collator that lays out the per-token weights: pass a "
                 f"`trl_tokenpo.DataCollatorForTokenPreference` (or None); got {type(data_collator).__name__}."
             )
-        self._user_collator = data_collator
         super().__init__(model, ref_model, args, data_collator, train_dataset, eval_dataset, processing_class,
                          compute_metrics, callbacks, optimizers, quantization_config, peft_config)  # fmt: skip
-        if self._user_collator is None:
-            self._ensure_token_collator()
 
     # Configuration ----------------------------------------------------------------------------------------------
 
@@ -267,20 +266,6 @@ class TISDPOTrainer(TokenLevelDPOTrainer):
                 "per completion. Use tis_kl_term='none' or precompute_ref_log_probs=False."
             )
         return None  # supported: `compute_ref_log_probs` stores the token-weighted sums
-
-    def _ensure_token_collator(self) -> None:
-        """Replace DPOTrainer's default collator by one that also lays out the per-token weights (DPOTrainer builds
-        its collator, and may run the reference precomputation with it, inside its own `__init__`)."""
-        if isinstance(self.data_collator, DataCollatorForTokenPreference):
-            return
-        base = self.data_collator
-        self.data_collator = DataCollatorForTokenPreference(
-            pad_token_id=base.pad_token_id,
-            max_length=base.max_length,
-            truncation_mode=base.truncation_mode,
-            pad_to_multiple_of=base.pad_to_multiple_of,
-            token_columns=[self._token_column()],
-        )
 
     def _precompute_ref_logps(self, dataset, name, batch_size):
         self._ensure_token_collator()
@@ -388,6 +373,9 @@ class TISDPOTrainer(TokenLevelDPOTrainer):
             + ". `ContrastiveWeightEstimator.estimate(dataset)` produces the token rewards."
         )
 
+    def _token_columns(self):
+        return [self._token_column()]
+
     def _token_column(self) -> TokenColumn:
         chosen, rejected = self._token_source
         is_rewards = self._token_source == REWARD_COLUMNS
@@ -421,7 +409,12 @@ class TISDPOTrainer(TokenLevelDPOTrainer):
 
     # Loss -------------------------------------------------------------------------------------------------------
 
-    def _objective(self, stats, mask, ld_weights, inputs):
+    @property
+    def _kl_gradient_sides(self):
+        # The "tdpo" term stops the gradient of the chosen completions' KL, as TDPO2 does
+        return "rejected" if self.method_args["tis_kl_term"] == "tdpo" else "both"
+
+    def _objective(self, stats, mask, ld_weights, inputs, layout):
         if "token_weights" not in inputs:
             raise KeyError("The batch has no `token_weights`: the collator must be a DataCollatorForTokenPreference.")
         weights = inputs["token_weights"][:, 1:].to(torch.float32)
@@ -439,20 +432,25 @@ class TISDPOTrainer(TokenLevelDPOTrainer):
         if kl_term != "none":
             per_token_kl = stats.forward_kl if kl_term == "tdpo" else stats.reverse_kl
             self._log_kl_metrics(metrics, losses.masked_sum(per_token_kl, mask))
-        self._log_weight_metrics(weights, mask)
+        metrics.update(self._weight_metrics(weights, mask, layout))
         return Objective(margin=margin, metrics=metrics)
 
-    def _log_weight_metrics(self, weights, mask):
-        mode = "train" if self.model.training else "eval"
+    def _weight_metrics(self, weights, mask, layout):
+        """`weights/*` over the batch's completion tokens (gathered across processes), as `DeviceValue`s. The scored
+        tokens are picked by the layout's host-known index (chosen ones first), not by a boolean mask."""
         gather = self.accelerator.gather_for_metrics
-        chosen_w, rejected_w = losses.split_pairs(weights.detach())
-        chosen_m, rejected_m = losses.split_pairs(mask.bool())
-        for side, w, m in (("chosen", chosen_w, chosen_m), ("rejected", rejected_w, rejected_m)):
-            total = gather(w[m].sum()).sum()
-            count = gather(m.sum()).sum()
-            self._metrics[mode][f"weights/{side}_mean"].append((total / count).item() if count > 0 else 0.0)
-        inf = torch.tensor(float("inf"), device=weights.device)
-        chosen_max = gather(chosen_w[chosen_m].max() if chosen_m.any() else -inf).max().item()
-        rejected_min = gather(rejected_w[rejected_m].min() if rejected_m.any() else inf).min().item()
-        self._metrics[mode]["weights/chosen_max"].append(chosen_max)
-        self._metrics[mode]["weights/rejected_min"].append(rejected_min)
+        scored = weights.detach().reshape(-1).index_select(0, layout.index)  # [N]
+        sides = {"chosen": scored[: layout.num_chosen], "rejected": scored[layout.num_chosen :]}
+        chosen_m, rejected_m = losses.split_pairs(mask)
+        metrics = {}
+        for side, side_mask in (("chosen", chosen_m), ("rejected", rejected_m)):
+            total = gather(sides[side].sum()).sum()
+            count = gather(side_mask.sum()).sum()
+            metrics[f"weights/{side}_mean"] = value_if_positive(total / count, count)
+        # An empty side (every completion cut off by truncation) contributes -inf / +inf, as max / min of nothing
+        chosen, rejected = sides["chosen"], sides["rejected"]
+        chosen_max = chosen.max() if chosen.numel() else torch.full((), -math.inf, device=weights.device)
+        rejected_min = rejected.min() if rejected.numel() else torch.full((), math.inf, device=weights.device)
+        metrics["weights/chosen_max"] = DeviceValue(gather(chosen_max).max())
+        metrics["weights/rejected_min"] = DeviceValue(gather(rejected_min).min())
+        return metrics
