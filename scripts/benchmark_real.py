@@ -824,8 +824,9 @@ def _ci(interval, digits=3, plus=False, total=None) -> str:
 
 
 def _diff(interval, digits=3) -> str:
-    """A paired difference: bold when its 95% interval excludes 0."""
-    if interval.n == 0:
+    """A paired difference: bold when its 95% interval excludes 0; `None` (no DPO runs among the selected methods)
+    and an empty difference give `–`."""
+    if interval is None or interval.n == 0:
         return "–"
     text = _ci(interval, digits, plus=True)
     return f"**{text}**" if interval.excludes(0.0) else text

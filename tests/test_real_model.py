@@ -482,6 +482,15 @@ def test_docs_are_generated_from_the_job_files_alone(tmp_path):
     reference, summary, estimates, records, missing = bench.collect(args, TASK_META, list(jobs.values()))
     body = bench.markdown(args, TASK_META, reference, summary, estimates, records, missing, ["cpu"])
     assert "Rows with fewer than 3 seeds: TDPO2 α=0.5 (2)" in body and "train-tdpo2_a0.5-s2" in body
+    # a part without DPO (--methods tdpo2_a0.5): no differences to compare, the tables still render
+    part = bench.parse_args(["--methods", "tdpo2_a0.5", "--seeds", "0", "1", "--data_dir", str(data), "--checkpoints",
+                             "2", "--max_steps", "4", "--task_file", str(tmp_path / "task.json")])  # fmt: skip
+    part_jobs = bench.plan(part, TASK_META)
+    reference, summary, estimates, records, missing = bench.collect(part, TASK_META, part_jobs)
+    assert list(summary) == ["tdpo2_a0.5"] and summary["tdpo2_a0.5"]["vs_dpo"] == {}
+    body = bench.markdown(part, TASK_META, reference, summary, estimates, records, missing, ["cpu"])
+    # reward at KL 1: seeds 0, 1 give 0.45, 0.51 (mean 0.48, half width 12.706 * 0.0424 / sqrt(2)); no Δ columns' values
+    assert "| TDPO2 α=0.5 | +0.480 ± 0.381 | – (0/2) | – (0/2) | – | – | – |" in body
 
 
 def test_task_file_round_trip_and_refusals(tmp_path):
