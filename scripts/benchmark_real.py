@@ -824,12 +824,13 @@ def _ci(interval, digits=3, plus=False, total=None) -> str:
 
 
 def _diff(interval, digits=3) -> str:
-    """A paired difference: bold when its 95% interval excludes 0; `None` (no DPO runs among the selected methods)
-    and an empty difference give `–`."""
+    """A paired difference: bold when its 95% interval excludes 0 and its mean does not round to 0 at the digits shown
+    (uniform weights differ from DPO by float rounding only, with an interval of width ~0); `None` (no DPO runs among
+    the selected methods) and an empty difference give `–`."""
     if interval is None or interval.n == 0:
         return "–"
     text = _ci(interval, digits, plus=True)
-    return f"**{text}**" if interval.excludes(0.0) else text
+    return f"**{text}**" if interval.excludes(0.0) and round(abs(interval.mean), digits) > 0 else text
 
 
 def verdict(interval, direction=+1) -> str:
